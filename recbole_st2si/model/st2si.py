@@ -1,0 +1,179 @@
+r"""ST2SI: sequence item texts to sequence item IDs.
+
+A user's history ``v1 .. vn`` is written as ``T1 [Q] T2 [Q] ... Tn [Q]`` (``Ti`` the tokens of item
+``vi``'s text) and read by a decoder-only language model. The last hidden state at every ``[Q]``
+goes through the item linear projection (ILP, ``hidden -> n_items``) and predicts the next item
+(multi-query input: every transition of the sequence in one forward pass). ID-alignment samples
+``prompt + Ti + [Q] -> vi`` share the same objective.
+
+Reference: "Learning Transition Patterns by Large Language Models for Sequential Recommendation".
+"""
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_st2si.backbone import hidden_size, load_backbone, load_tokenizer, padding_token_id
+from recbole_st2si.errors import UserInputError
+
+QUERY_FEATURE = "query_feature"
+"""Interaction field holding precomputed ``[Q]`` hidden states (frozen-backbone ILP tuning)."""
+
+TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
+FROZEN_ILP_LEARNING_RATE = 3e-4  # the authors' rate for ILP-only tuning without pre-training
+
+
+def resolve_auto_settings(config):
+    """Fill the settings whose default depends on the machine or on other settings.
+
+    ``train_stage: auto`` becomes ``full`` on a GPU and ``ilp`` on CPU, where fine-tuning a
+    language model is impractically slow; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
+    the backbone trains and is the authors' ILP-only rate when it is frozen.
+    """
+    if config["train_stage"] == "auto":
+        config["train_stage"] = "full" if config["device"].type == "cuda" else "ilp"
+    if config["ilp_learning_rate"] is None:
+        frozen = config["train_stage"] == "ilp"
+        config["ilp_learning_rate"] = FROZEN_ILP_LEARNING_RATE if frozen else config["learning_rate"]
+
+
+class ST2SI(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.train_stage = config["train_stage"]
+        if self.train_stage not in TRAIN_STAGES:
+            raise UserInputError(f"train_stage must be one of {TRAIN_STAGES}, got {self.train_stage!r}")
+        self.multi_query = config["multi_query"]
+        self.max_seq_tokens = config["max_seq_tokens"]
+        if self.max_seq_length < 2:
+            raise UserInputError("MAX_ITEM_LIST_LENGTH must be at least 2 (alignment samples use two slots)")
+
+        tokenizer, self.query_token_id = load_tokenizer(config["llm_path"], config["query_token"])
+        self.pad_token_id = padding_token_id(tokenizer)
+        self.backbone = load_backbone(config["llm_path"], tokenizer)
+        self.ilp = nn.Linear(hidden_size(self.backbone), self.n_items, bias=False)
+
+        prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
+        segment_tokens, segment_len = self._segment_table(dataset.item_token_ids, dataset.item_token_len, prompt)
+        if int(segment_len.max()) > self.max_seq_tokens:
+            raise UserInputError(
+                f"max_seq_tokens={self.max_seq_tokens} is shorter than one item text (+[Q]) or the alignment "
+                f"prompt ({int(segment_len.max())} tokens)"
+            )
+        # Not persistent: they are derived from the dataset and tokenizer, not learned.
+        self.register_buffer("segment_tokens", segment_tokens, persistent=False)
+        self.register_buffer("segment_len", segment_len, persistent=False)
+        self.prompt_item_id = self.n_items
+
+        if self.train_stage == "ilp":
+            self.backbone.requires_grad_(False)
+
+    def _segment_table(self, item_tokens, item_len, prompt):
+        """Token table of every input segment: item ``i``'s text followed by ``[Q]``, and, at row
+        ``n_items``, the alignment prompt (no ``[Q]``: nothing is predicted after the prompt)."""
+        width = max(item_tokens.shape[1] + 1, len(prompt))
+        table = torch.full((self.n_items + 1, width), self.pad_token_id, dtype=torch.long)
+        table[: self.n_items, : item_tokens.shape[1]] = item_tokens
+        table[torch.arange(1, self.n_items), item_len[1:]] = self.query_token_id
+        table[self.n_items, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        lengths = torch.cat([item_len + 1, torch.tensor([len(prompt)])])
+        lengths[0] = 0
+        return table, lengths
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.train_stage == "ilp":
+            self.backbone.eval()  # frozen: no dropout, so its outputs are a fixed function of the input
+        return self
+
+    # ------------------------------------------------------------------ token assembly
+    def assemble_inputs(self, item_seq, item_seq_len):
+        """Write each history as left-padded ``T1 [Q] ... Tn [Q]`` token ids, with tensor ops only.
+
+        ``item_seq`` is RecBole's ``[B, L]`` left-aligned, zero-padded item list. The oldest items are
+        dropped until the tokens fit ``max_seq_tokens``.
+
+        Returns:
+            input_ids, attention_mask, position_ids: ``[B, S]`` backbone inputs;
+            query_pos: ``[B, L]`` index of the ``[Q]`` after each item (last token of its segment);
+            kept: ``[B, L]`` whether the item is in the input.
+        """
+        batch, slots = item_seq.shape
+        device = item_seq.device
+        present = torch.arange(slots, device=device) < item_seq_len[:, None]
+        seg_len = self.segment_len[item_seq] * present
+        tokens_from_here = seg_len.flip(1).cumsum(1).flip(1)
+        kept = present & (tokens_from_here <= self.max_seq_tokens)
+        seg_len = seg_len * kept
+        seg_end = seg_len.cumsum(1)
+        total = seg_end[:, -1]
+        width = int(total.max())
+        left_pad = width - total
+
+        segment_tokens = self.segment_tokens[item_seq]  # [B, L, T]
+        offsets = torch.arange(segment_tokens.shape[2], device=device)
+        in_segment = offsets < seg_len[..., None]
+        dest = (left_pad[:, None] + seg_end - seg_len)[..., None] + offsets
+        rows = torch.arange(batch, device=device)[:, None, None].expand_as(dest)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
+        input_ids[rows[in_segment], dest[in_segment]] = segment_tokens[in_segment]
+
+        attention_mask = torch.arange(width, device=device) >= left_pad[:, None]
+        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        query_pos = left_pad[:, None] + seg_end - 1
+        return input_ids, attention_mask.long(), position_ids, query_pos, kept
+
+    def query_states(self, item_seq, item_seq_len):
+        """Last hidden states at every ``[Q]``: ``[B, L, H]`` and the mask of real queries ``[B, L]``
+        (padding slots, dropped items and the alignment prompt are not queries)."""
+        input_ids, attention_mask, position_ids, query_pos, kept = self.assemble_inputs(item_seq, item_seq_len)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        states = hidden.gather(1, query_pos.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+        return states, kept & (item_seq != self.prompt_item_id)
+
+    def query_targets(self, item_seq, item_seq_len, target):
+        """The item each ``[Q]`` predicts: the next item in the sequence, and ``target`` after the last."""
+        targets = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
+        last = (item_seq_len - 1)[:, None]
+        return targets.scatter(1, last, target[:, None])
+
+    def item_logits(self, states):
+        """ILP scores of every item; the padding item 0 is never a candidate."""
+        logits = self.ilp(states)
+        return logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), float("-inf"))
+
+    # ------------------------------------------------------------------ RecBole interface
+    def forward(self, item_seq, item_seq_len):
+        """Hidden state of the last ``[Q]`` of each sequence: ``[B, H]``."""
+        states, _ = self.query_states(item_seq, item_seq_len)
+        return self.gather_indexes(states, item_seq_len - 1)
+
+    def calculate_loss(self, interaction):
+        target = interaction[self.POS_ITEM_ID]
+        if QUERY_FEATURE in interaction:
+            return F.cross_entropy(self.item_logits(interaction[QUERY_FEATURE]).float(), target)
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        states, is_query = self.query_states(item_seq, item_seq_len)
+        targets = self.query_targets(item_seq, item_seq_len, target)
+        if not self.multi_query:
+            is_query = is_query & (torch.arange(item_seq.shape[1], device=item_seq.device) == (item_seq_len - 1)[:, None])
+        return F.cross_entropy(self.item_logits(states[is_query]).float(), targets[is_query])
+
+    def _last_query_state(self, interaction):
+        if QUERY_FEATURE in interaction:
+            return interaction[QUERY_FEATURE]
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    def full_sort_predict(self, interaction):
+        return self.item_logits(self._last_query_state(interaction)).float()
+
+    def predict(self, interaction):
+        state = self._last_query_state(interaction)
+        weight = self.ilp.weight[interaction[self.ITEM_ID]]
+        return (state * weight).sum(-1).float()

@@ -1,0 +1,171 @@
+"""Trainers: weights-only checkpoints for every RecBole model, and ST2SI's optimisation recipe."""
+
+import math
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import get_trainer as recbole_get_trainer
+from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from recbole_st2si.errors import UserInputError
+
+
+class SafeCheckpointMixin:
+    """Checkpoints made of tensors and numbers only, reloaded with ``torch.load(weights_only=True)``.
+
+    RecBole pickles its ``Config`` into every checkpoint, which PyTorch >= 2.6 refuses to load by
+    default, so RecBole's own reload of the best model for the test fails there. Mixed in front of
+    any RecBole trainer (see :func:`get_trainer`), this keeps RecBole's training loop untouched.
+    """
+
+    def checkpoint_state_dict(self):
+        """What a checkpoint stores of the model; ST2SI narrows it to the parameters it trains."""
+        return self.model.state_dict()
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "model": self.config["model"],
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.checkpoint_state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def load_checkpoint(self, checkpoint_file):
+        """Load model weights from one of our checkpoints; returns the whole checkpoint dict."""
+        checkpoint = torch.load(checkpoint_file, map_location=self.device, weights_only=True)
+        if checkpoint.get("model", self.config["model"]) != self.config["model"]:
+            raise UserInputError(
+                f"{checkpoint_file} holds a {checkpoint['model']} model, not {self.config['model']}"
+            )
+        saved = checkpoint["state_dict"]
+        missing, unexpected = self.model.load_state_dict(saved, strict=False)
+        not_saved_on_purpose = set(self.model.state_dict()) - set(self.checkpoint_state_dict())
+        if unexpected or set(missing) - not_saved_on_purpose:
+            raise UserInputError(
+                f"{checkpoint_file} does not match this model: missing {sorted(set(missing) - not_saved_on_purpose)[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.logger.info(f"Loading model parameters from {checkpoint_file}")
+        return checkpoint
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = self.load_checkpoint(resume_file)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and eval_data:
+            self.load_checkpoint(model_file or self.saved_model_file)
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+_safe_trainers = {}
+
+
+def get_trainer(model_type, model_name):
+    """RecBole's trainer class for ``model_name``, with :class:`SafeCheckpointMixin` in front."""
+    if model_name == "ST2SI":
+        return ST2SITrainer
+    base = recbole_get_trainer(model_type, model_name)
+    if base not in _safe_trainers:
+        _safe_trainers[base] = type(f"Safe{base.__name__}", (SafeCheckpointMixin, base), {})
+    return _safe_trainers[base]
+
+
+class ST2SITrainer(SafeCheckpointMixin, Trainer):
+    """RecBole's training loop with the authors' recipe: AdamW with separate learning rates for the
+    backbone (``learning_rate``) and the ILP (``ilp_learning_rate``), a cosine schedule with
+    ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and bf16/fp16 autocast on CUDA
+    (``mixed_precision``; float32 on CPU). Checkpoints hold only the trained parameters, so a frozen
+    backbone is never written to disk again."""
+
+    def __init__(self, config, model):
+        self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
+        super().__init__(config, model)
+        self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
+        self.scheduler = None
+
+    def _autocast_dtype(self, mixed_precision):
+        choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+        if mixed_precision not in choices:
+            raise UserInputError(f"mixed_precision must be one of {list(choices)}, got {mixed_precision!r}")
+        return choices[mixed_precision] if self.device.type == "cuda" else None
+
+    def _build_optimizer(self, **kwargs):
+        ilp = [p for p in self.model.ilp.parameters() if p.requires_grad]
+        ilp_ids = {id(p) for p in ilp}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ilp_ids]
+        groups = [{"params": ilp, "lr": self.config["ilp_learning_rate"]}]
+        if rest:
+            groups.append({"params": rest, "lr": self.learning_rate})
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+
+    def checkpoint_state_dict(self):
+        trained = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+        return {name: tensor for name, tensor in self.model.state_dict().items() if name in trained}
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, self.config["warmup_steps"], max(1, steps_per_epoch * self.epochs)
+        )
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        batches = tqdm(
+            train_data,
+            total=len(train_data),
+            ncols=100,
+            desc=set_color(f"Train {epoch_idx:>5}", "pink"),
+            disable=not show_progress,
+        )
+        total_loss = 0.0
+        self.optimizer.zero_grad()
+        for batch_idx, interaction in enumerate(batches):
+            interaction = interaction.to(self.device)
+            sync_loss = 0
+            if not self.config["single_spec"]:
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = loss_func(interaction)
+            self._check_nan(loss)
+            total_loss += loss.item()
+            scaler.scale((loss + sync_loss) / self.accumulation_steps).backward()
+            if (batch_idx + 1) % self.accumulation_steps == 0 or batch_idx + 1 == len(train_data):
+                if self.clip_grad_norm:
+                    scaler.unscale_(self.optimizer)
+                    clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+                scaler.step(self.optimizer)
+                scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            batches.set_postfix(loss=f"{total_loss / (batch_idx + 1):.4f}")
+        return total_loss
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return super().evaluate(eval_data, load_best_model, model_file, show_progress)

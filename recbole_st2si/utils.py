@@ -1,0 +1,84 @@
+"""Glue between RecBole's factories and the plugin's classes: config, dataset, dataloaders, model."""
+
+import os
+from pathlib import Path
+
+from recbole.config import Config
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
+from recbole.utils import get_model as recbole_get_model
+
+from recbole_st2si.data.dataloader import ST2SITrainDataLoader
+from recbole_st2si.data.dataset import ST2SIDataset
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.model import ST2SI
+from recbole_st2si.model.st2si import resolve_auto_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROPERTIES_DIR = PROJECT_ROOT / "properties"
+DATASET_CONFIG_DIR = PROJECT_ROOT / "dataset_configs"
+PLUGIN_MODELS = {"ST2SI": ST2SI}
+
+
+def get_model(model_name):
+    """The plugin's model class for its own names, RecBole's for every other name."""
+    if model_name in PLUGIN_MODELS:
+        return PLUGIN_MODELS[model_name]
+    try:
+        return recbole_get_model(model_name)
+    except ValueError:
+        raise UserInputError(f"unknown model {model_name!r}: neither ST2SI nor a RecBole model") from None
+
+
+def config_files_for(model_name, dataset_name, config_file_list=None):
+    """The plugin's defaults (overall, model, dataset), then the user's files, later files winning."""
+    defaults = [
+        PROPERTIES_DIR / "overall.yaml",
+        PROPERTIES_DIR / f"{model_name}.yaml",
+        DATASET_CONFIG_DIR / f"{dataset_name}.yaml",
+    ]
+    files = [str(path) for path in defaults if path.is_file()]
+    for user_file in config_file_list or []:
+        if not os.path.isfile(user_file):
+            raise UserInputError(f"config file not found: {user_file}")
+        files.append(user_file)
+    return files
+
+
+def create_config(model_name, dataset_name, config_file_list=None, config_dict=None):
+    """A RecBole :class:`Config` with the plugin's files; command-line ``--key=value`` still apply."""
+    config = Config(
+        model=get_model(model_name),
+        dataset=dataset_name,
+        config_file_list=config_files_for(model_name, dataset_name, config_file_list),
+        config_dict=config_dict,
+    )
+    check_atomic_files(config)
+    if config["model"] in PLUGIN_MODELS:
+        resolve_auto_settings(config)
+    return config
+
+
+def check_atomic_files(config):
+    """Fail with a clear message instead of RecBole's attempt to download an unknown dataset."""
+    inter_file = Path(config["data_path"]) / f"{config['dataset']}.inter"
+    if not inter_file.is_file() and config["benchmark_filename"] is None:
+        raise UserInputError(
+            f"dataset '{config['dataset']}' not found: no {inter_file}. Pass --data_path=<folder holding "
+            f"{config['dataset']}/{config['dataset']}.inter>, or prepare it with `python -m recbole_st2si.data.prepare`"
+        )
+
+
+def create_dataset(config):
+    """:class:`ST2SIDataset` for ST2SI, RecBole's dataset for every other model."""
+    if config["model"] in PLUGIN_MODELS:
+        return ST2SIDataset(config)
+    return recbole_create_dataset(config)
+
+
+def data_preparation(config, dataset):
+    """RecBole's split and evaluation dataloaders; ST2SI trains on its multi-query loader instead."""
+    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    if config["model"] in PLUGIN_MODELS:
+        train_data = ST2SITrainDataLoader(config, train_data._dataset, shuffle=config["shuffle"])
+    return train_data, valid_data, test_data
