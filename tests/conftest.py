@@ -1,0 +1,64 @@
+"""Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+from recbole_st2si.utils import create_config
+
+DATA_DIR = Path(__file__).parent / "data"
+PROMPT_WORDS = "Please give the index of following item :".split()
+
+
+def _vocabulary():
+    words = set(PROMPT_WORDS) | {"."}
+    for line in (DATA_DIR / "tiny" / "tiny.item").read_text().splitlines()[1:]:
+        _, title, brand = line.split("\t")
+        words |= set(title.split()) | {brand}
+    return ["[PAD]", "[UNK]"] + sorted(words)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A word-level tokenizer and a 2-layer Llama decoder (hidden 16), saved like any HF model."""
+    folder = tmp_path_factory.mktemp("tiny_backbone")
+    vocab = {word: index for index, word in enumerate(_vocabulary())}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
+    LlamaModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def make_config(tiny_backbone_dir, tmp_path):
+    """``make_config(**overrides)``: an ST2SI config on the tiny dataset and tiny backbone."""
+
+    def build(model="ST2SI", dataset="tiny", **overrides):
+        settings = {
+            "data_path": str(DATA_DIR),
+            "llm_path": str(tiny_backbone_dir),
+            "train_stage": "full",
+            "show_progress": False,
+            "checkpoint_dir": str(tmp_path / "saved"),
+            "MAX_ITEM_LIST_LENGTH": 10,
+            "epochs": 1,
+            "seed": 7,
+        }
+        settings.update(overrides)
+        return create_config(model, dataset, config_dict=settings)
+
+    return build

@@ -1,0 +1,168 @@
+"""ST2SI's data path, token assembly, loss and predictions on the tiny dataset and tiny backbone."""
+
+import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+from recbole.utils import init_seed
+
+from recbole_st2si.backbone import load_tokenizer
+from recbole_st2si.model import ST2SI
+from recbole_st2si.utils import create_dataset, data_preparation
+
+
+def build(config):
+    init_seed(config["seed"], True)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    model = ST2SI(config, train_data.dataset)
+    return model, train_data, valid_data, test_data
+
+
+def item_tokens(dataset, item):
+    return dataset.item_token_ids[item, : dataset.item_token_len[item]].tolist()
+
+
+def raw_ids(dataset, items):
+    return [int(token) for token in dataset.field2id_token[dataset.iid_field][items.numpy()]]
+
+
+def test_assembly_interleaves_item_texts_and_queries(make_config):
+    model, train_data, _, _ = build(make_config())
+    dataset, q = train_data.dataset, model.query_token_id
+    a, b, c = 1, 2, 3
+    seq = torch.tensor([[a, b, c, 0], [b, 0, 0, 0]])
+    input_ids, attention_mask, position_ids, query_pos, kept = model.assemble_inputs(seq, torch.tensor([3, 1]))
+
+    first = item_tokens(dataset, a) + [q] + item_tokens(dataset, b) + [q] + item_tokens(dataset, c) + [q]
+    second = item_tokens(dataset, b) + [q]
+    assert input_ids.shape == (2, len(first))
+    assert input_ids[0].tolist() == first
+    assert input_ids[1, attention_mask[1].bool()].tolist() == second
+    assert attention_mask[1].tolist() == [0] * (len(first) - len(second)) + [1] * len(second)  # left padding
+    assert position_ids[1, attention_mask[1].bool()].tolist() == list(range(len(second)))
+    assert (input_ids[0, query_pos[0, :3]] == q).all() and input_ids[1, query_pos[1, 0]] == q
+    assert kept.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_assembly_drops_oldest_items_beyond_max_seq_tokens(make_config):
+    model, train_data, _, _ = build(make_config())
+    dataset, q = train_data.dataset, model.query_token_id
+    seq = torch.tensor([[1, 2, 3]])
+    model.max_seq_tokens = len(item_tokens(dataset, 2)) + len(item_tokens(dataset, 3)) + 2
+    input_ids, _, _, _, kept = model.assemble_inputs(seq, torch.tensor([3]))
+    assert kept.tolist() == [[False, True, True]]
+    assert input_ids[0].tolist() == item_tokens(dataset, 2) + [q] + item_tokens(dataset, 3) + [q]
+
+
+def test_query_targets_are_the_next_items():
+    seq = torch.tensor([[5, 6, 7, 0], [9, 0, 0, 0]])
+    targets = ST2SI.query_targets(None, seq, torch.tensor([3, 1]), torch.tensor([8, 4]))
+    assert targets[0, :3].tolist() == [6, 7, 8]
+    assert targets[1, 0].item() == 4
+
+
+def test_loader_full_window_gives_each_user_sequence_once_plus_alignment(make_config):
+    config = make_config(train_window="full", id_alignment=True)
+    _, train_data, _, _ = build(config)
+    dataset = train_data.dataset
+    assert train_data.sample_size == dataset.user_num - 1 + dataset.item_num - 1
+    batch = train_data.collate_fn(list(range(train_data.sample_size)))
+    seq, seq_len, target = batch["item_id_list"], batch["item_length"], batch["item_id"]
+    users = train_data.num_user_samples
+    for row in range(users):  # every user: a chain of consecutive items, target = successor of the last
+        chain = raw_ids(dataset, seq[row, : seq_len[row]]) + raw_ids(dataset, target[row : row + 1])
+        assert all(nxt == cur % 40 + 1 for cur, nxt in zip(chain, chain[1:]))
+    alignment = slice(users, None)
+    assert (seq[alignment, 0] == dataset.item_num).all()  # the prompt slot
+    assert sorted(seq[alignment, 1].tolist()) == list(range(1, dataset.item_num))
+    assert torch.equal(seq[alignment, 1], target[alignment]) and (seq_len[alignment] == 2).all()
+
+
+def test_loader_random_windows_are_contiguous_sub_sequences(make_config):
+    _, train_data, _, _ = build(make_config(train_window="random", id_alignment=False))
+    dataset = train_data.dataset
+    lengths = set()
+    for _ in range(3):
+        batch = train_data.collate_fn(list(range(train_data.sample_size)))
+        for row in range(len(batch)):
+            length = int(batch["item_length"][row])
+            chain = raw_ids(dataset, batch["item_id_list"][row, :length]) + raw_ids(dataset, batch["item_id"][row : row + 1])
+            assert length >= 1 and all(nxt == cur % 40 + 1 for cur, nxt in zip(chain, chain[1:]))
+            lengths.add(length)
+    assert len(lengths) > 3  # windows really vary
+
+
+def naive_loss(model, dataset, batch, prompt):
+    """Per-sample, unpadded reference computation of the multi-query cross-entropy."""
+    q = model.query_token_id
+    logits, targets = [], []
+    for row in range(len(batch)):
+        seq = batch["item_id_list"][row, : batch["item_length"][row]].tolist()
+        nxt = seq[1:] + [int(batch["item_id"][row])]
+        tokens, positions, row_targets = [], [], []
+        for item, target in zip(seq, nxt):
+            if item == model.prompt_item_id:
+                tokens += prompt
+                continue
+            tokens += item_tokens(dataset, item) + [q]
+            positions.append(len(tokens) - 1)
+            row_targets.append(target)
+        hidden = model.backbone(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+        logits.append(model.item_logits(hidden[positions]))
+        targets += row_targets
+    return F.cross_entropy(torch.cat(logits), torch.tensor(targets))
+
+
+def test_vectorised_loss_equals_naive_per_sample_loss(make_config):
+    config = make_config(train_window="random", id_alignment=True)
+    model, train_data, _, _ = build(config)
+    model.eval()
+    tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
+    prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
+    batch = train_data.collate_fn(list(range(0, train_data.sample_size, 3)))
+    with torch.no_grad():
+        assert torch.allclose(model.calculate_loss(batch), naive_loss(model, train_data.dataset, batch, prompt), atol=1e-5)
+
+
+def test_without_multi_query_only_the_last_query_counts(make_config):
+    model, train_data, _, _ = build(make_config(multi_query=False, id_alignment=False, train_window="full"))
+    model.eval()
+    batch = train_data.collate_fn([0, 1])
+    with torch.no_grad():
+        last_state = model(batch["item_id_list"], batch["item_length"])
+        expected = F.cross_entropy(model.item_logits(last_state), batch["item_id"])
+        assert torch.allclose(model.calculate_loss(batch), expected, atol=1e-6)
+
+
+def test_full_sort_predict_scores_every_item_but_padding(make_config):
+    model, _, _, test_data = build(make_config())
+    interaction = next(iter(test_data))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        assert scores.shape == (len(interaction), test_data.dataset.item_num)
+        assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+        sampled = Interaction({**{k: interaction[k] for k in interaction.columns}, "item_id": torch.ones(len(interaction), dtype=torch.long)})
+        assert torch.allclose(model.predict(sampled), scores[:, 1], atol=1e-5)
+
+
+def test_training_steps_lower_the_loss(make_config):
+    model, train_data, _, _ = build(make_config(train_window="full"))
+    batch = train_data.collate_fn(list(range(16)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model.calculate_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ilp_stage_trains_only_the_projection(make_config):
+    model, _, _, _ = build(make_config(train_stage="ilp"))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable == {"ilp.weight"}
+    model.train()
+    assert not model.backbone.training
