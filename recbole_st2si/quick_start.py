@@ -8,7 +8,7 @@ from recbole_st2si.trainer import get_trainer
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
 
-def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, saved=True):
+def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, saved=True, callback_fn=None):
     """Train ``model`` on ``dataset`` and evaluate it with RecBole's full-ranking evaluation.
 
     Args:
@@ -17,6 +17,7 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         config_file_list (list[str], optional): extra YAML files, applied after the plugin's defaults.
         config_dict (dict, optional): parameters that override everything but the command line.
         saved (bool): keep the best checkpoint and reload it for the test.
+        callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``.
@@ -37,7 +38,7 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
