@@ -18,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedModel
 
 from recbole_st2si.errors import UserInputError
@@ -135,3 +136,37 @@ def hidden_size(model: PreTrainedModel) -> int:
     GPT-2's ``n_embd``, Llama's ``hidden_size``), so one rule covers every decoder family.
     """
     return model.get_input_embeddings().embedding_dim
+
+
+BACKBONE_WEIGHTS = "model.safetensors"
+
+
+def save_backbone(model: PreTrainedModel, tokenizer, folder) -> Path:
+    """Save a (pre-)trained backbone with its tokenizer; the folder also works as an ``llm_path``."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_backbone_weights(model: PreTrainedModel, folder, llm_path: str):
+    """Replace ``model``'s weights with those of a backbone saved by :func:`save_backbone`.
+
+    The architecture comes from ``llm_path``; a saved backbone of another architecture or
+    vocabulary (e.g. pre-trained with another ``query_token``) is refused with a clear message.
+    """
+    weights = Path(folder) / BACKBONE_WEIGHTS
+    if not weights.is_file():
+        raise UserInputError(f"pretrained_backbone {folder}: no {BACKBONE_WEIGHTS} (save one with train_stage: pretrain)")
+    state = load_file(weights)
+    expected = model.state_dict()
+    mismatched = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if mismatched or missing or unexpected:
+        raise UserInputError(
+            f"pretrained_backbone {folder} does not match the architecture of llm_path={llm_path!r} "
+            f"(shape differences: {mismatched[:3]}, missing: {missing[:3]}, unexpected: {unexpected[:3]}); "
+            "use the llm_path and query_token it was pre-trained with"
+        )
+    model.load_state_dict(state)

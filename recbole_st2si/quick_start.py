@@ -1,9 +1,13 @@
 """One call that trains and tests ST2SI or any RecBole model under the same evaluation."""
 
+import os
 from logging import getLogger
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
+from recbole_st2si.backbone import load_tokenizer, save_backbone
+from recbole_st2si.feature_cache import cached_dataloaders, uses_feature_cache
+from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.trainer import get_trainer
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
@@ -35,12 +39,17 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
+    if uses_feature_cache(config, valid_data, test_data):
+        train_data, valid_data, test_data = cached_dataloaders(config, model, train_data, valid_data, test_data)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    if config["model"] == "ST2SI" and saved:
+        save_st2si_parts(config, model)
 
     environment = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment.draw())
@@ -52,3 +61,56 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         "best_valid_result": best_valid_result,
         "test_result": test_result,
     }
+
+
+def save_st2si_parts(config, model):
+    """Save the ILP on its own (small, one per dataset) and, after pre-training, the backbone.
+
+    Called after the test, when the best checkpoint's weights are loaded.
+    """
+    logger = getLogger()
+    ilp_file = os.path.join(config["checkpoint_dir"], f"ST2SI-{config['dataset']}-ilp.pth")
+    model.save_ilp(ilp_file)
+    logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
+    if config["train_stage"] == "pretrain":
+        folder = config["pretrained_backbone_dir"] or os.path.join(
+            config["checkpoint_dir"], f"ST2SI-{config['dataset']}-backbone"
+        )
+        tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
+        save_backbone(model.backbone, tokenizer, folder)
+        logger.info(
+            set_color("backbone saved", "blue")
+            + f": {folder} (fine-tune a target domain with --pretrained_backbone={folder})"
+        )
+
+
+def run_recbole_st2si_distributed(
+    model,
+    dataset,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    nproc=2,
+    world_size=-1,
+    ip="localhost",
+    port=5678,
+    offset=0,
+):
+    """:func:`run_recbole_st2si` in ``nproc`` DDP processes on this machine, as RecBole's ``run`` does.
+
+    One process per GPU (NCCL), or gloo processes on the CPU without CUDA. Each rank trains on its
+    share of the training samples and evaluates its share of the users; the metrics are gathered
+    across ranks. For several machines, start it on each with the same ``world_size``, ``ip`` and
+    ``port``, and ``offset`` = the number of processes on the machines before it.
+
+    Returns:
+        dict: the result of global rank 0 (``None`` on the other machines).
+    """
+    create_config(model, dataset, config_file_list, config_dict)  # bad input fails here, not in every rank
+    settings = {**(config_dict or {}), **distributed_settings(nproc, world_size, ip, port, offset)}
+    return spawn_ranks(run_rank, nproc, model, dataset, config_file_list, settings, saved)
+
+
+def run_rank(local_rank, model, dataset, config_file_list, config_dict, saved=True):
+    """One process of :func:`run_recbole_st2si_distributed`."""
+    return run_recbole_st2si(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)

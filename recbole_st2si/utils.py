@@ -3,13 +3,14 @@
 import os
 from pathlib import Path
 
-from recbole.config import Config
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
 from recbole.utils import get_model as recbole_get_model
 
 from recbole_st2si.data.dataloader import ST2SITrainDataLoader
 from recbole_st2si.data.dataset import ST2SIDataset
+from recbole_st2si.data.prepare import main as prepare_main
+from recbole_st2si.distributed import PluginConfig
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.model.st2si import resolve_auto_settings
@@ -26,7 +27,7 @@ def get_model(model_name):
         return PLUGIN_MODELS[model_name]
     try:
         return recbole_get_model(model_name)
-    except ValueError:
+    except (ValueError, ModuleNotFoundError):  # RecBole's last search place needs lightgbm and xgboost
         raise UserInputError(f"unknown model {model_name!r}: neither ST2SI nor a RecBole model") from None
 
 
@@ -46,17 +47,35 @@ def config_files_for(model_name, dataset_name, config_file_list=None):
 
 
 def create_config(model_name, dataset_name, config_file_list=None, config_dict=None):
-    """A RecBole :class:`Config` with the plugin's files; command-line ``--key=value`` still apply."""
-    config = Config(
+    """A RecBole :class:`Config` with the plugin's files; command-line ``--key=value`` still apply.
+
+    ``dataset_name`` may list several prepared domains (``Food,Cell``): they are merged once into
+    ``<data_path>/Food+Cell`` with domain-prefixed ids, e.g. for pre-training on source domains.
+    """
+    config = PluginConfig(
         model=get_model(model_name),
         dataset=dataset_name,
         config_file_list=config_files_for(model_name, dataset_name, config_file_list),
         config_dict=config_dict,
     )
+    if "," in dataset_name:
+        merged_name = merge_domains(dataset_name.split(","), os.path.dirname(config["data_path"]))
+        return create_config(model_name, merged_name, config_file_list, config_dict)
     check_atomic_files(config)
     if config["model"] in PLUGIN_MODELS:
         resolve_auto_settings(config)
     return config
+
+
+def merge_domains(domains, data_path):
+    """Merge prepared domain folders under ``data_path`` into one dataset (once); returns its name."""
+    domains = [domain.strip() for domain in domains if domain.strip()]
+    name = "+".join(domains)
+    folder = Path(data_path) / name
+    if not (folder / f"{name}.inter").is_file():
+        inputs = [str(Path(data_path) / domain) for domain in domains]
+        prepare_main(["merge", "--inputs", *inputs, "--out", str(folder), "--name", name])
+    return name
 
 
 def check_atomic_files(config):

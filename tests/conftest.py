@@ -23,7 +23,7 @@ def _vocabulary():
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
-    """A word-level tokenizer and a 2-layer Llama decoder (hidden 16), saved like any HF model."""
+    """A word-level tokenizer and a 2-layer Llama decoder (hidden 32), saved like any HF model."""
     folder = tmp_path_factory.mktemp("tiny_backbone")
     vocab = {word: index for index, word in enumerate(_vocabulary())}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -32,11 +32,11 @@ def tiny_backbone_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=32,
+        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=512,
     )
     LlamaModel(config).save_pretrained(folder)
@@ -44,11 +44,11 @@ def tiny_backbone_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def make_config(tiny_backbone_dir, tmp_path):
-    """``make_config(**overrides)``: an ST2SI config on the tiny dataset and tiny backbone."""
+def settings(tiny_backbone_dir, tmp_path):
+    """``settings(**overrides)``: config entries for ST2SI on the tiny dataset and tiny backbone."""
 
-    def build(model="ST2SI", dataset="tiny", **overrides):
-        settings = {
+    def build(**overrides):
+        entries = {
             "data_path": str(DATA_DIR),
             "llm_path": str(tiny_backbone_dir),
             "train_stage": "full",
@@ -58,7 +58,17 @@ def make_config(tiny_backbone_dir, tmp_path):
             "epochs": 1,
             "seed": 7,
         }
-        settings.update(overrides)
-        return create_config(model, dataset, config_dict=settings)
+        entries.update(overrides)
+        return entries
+
+    return build
+
+
+@pytest.fixture
+def make_config(settings):
+    """``make_config(model="ST2SI", dataset="tiny", **overrides)``: a RecBole config from :func:`settings`."""
+
+    def build(model="ST2SI", dataset="tiny", **overrides):
+        return create_config(model, dataset, config_dict=settings(**overrides))
 
     return build

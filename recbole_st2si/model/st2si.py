@@ -15,14 +15,21 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_st2si.backbone import hidden_size, load_backbone, load_tokenizer, padding_token_id
+from recbole_st2si.backbone import (
+    hidden_size,
+    load_backbone,
+    load_backbone_weights,
+    load_tokenizer,
+    padding_token_id,
+)
 from recbole_st2si.errors import UserInputError
 
 QUERY_FEATURE = "query_feature"
 """Interaction field holding precomputed ``[Q]`` hidden states (frozen-backbone ILP tuning)."""
 
 TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
-FROZEN_ILP_LEARNING_RATE = 3e-4  # the authors' rate for ILP-only tuning without pre-training
+FROZEN_ILP_LEARNING_RATE = 3e-4  # the authors' rate for ILP-only tuning without pre-training...
+PRETRAINED_ILP_LEARNING_RATE = 1e-4  # ...and after pre-training
 
 
 def resolve_auto_settings(config):
@@ -30,13 +37,33 @@ def resolve_auto_settings(config):
 
     ``train_stage: auto`` becomes ``full`` on a GPU and ``ilp`` on CPU, where fine-tuning a
     language model is impractically slow; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
-    the backbone trains and is the authors' ILP-only rate when it is frozen.
+    the backbone trains and is the authors' ILP-only rate (lower after pre-training) when it is frozen.
     """
     if config["train_stage"] == "auto":
         config["train_stage"] = "full" if config["device"].type == "cuda" else "ilp"
     if config["ilp_learning_rate"] is None:
-        frozen = config["train_stage"] == "ilp"
-        config["ilp_learning_rate"] = FROZEN_ILP_LEARNING_RATE if frozen else config["learning_rate"]
+        if config["train_stage"] != "ilp":
+            config["ilp_learning_rate"] = config["learning_rate"]
+        elif config["pretrained_backbone"]:
+            config["ilp_learning_rate"] = PRETRAINED_ILP_LEARNING_RATE
+        else:
+            config["ilp_learning_rate"] = FROZEN_ILP_LEARNING_RATE
+
+
+def with_lora_adapters(backbone, config):
+    """Wrap the backbone with LoRA adapters (``peft``); only they and the ILP are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config["lora_r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config["lora_dropout"],
+        target_modules=config["lora_target_modules"],
+    )
+    try:
+        return get_peft_model(backbone, lora)
+    except ValueError as error:
+        raise UserInputError(f"LoRA cannot be applied to this backbone: {error} (set lora_target_modules)") from None
 
 
 class ST2SI(SequentialRecommender):
@@ -55,7 +82,12 @@ class ST2SI(SequentialRecommender):
         tokenizer, self.query_token_id = load_tokenizer(config["llm_path"], config["query_token"])
         self.pad_token_id = padding_token_id(tokenizer)
         self.backbone = load_backbone(config["llm_path"], tokenizer)
+        if config["pretrained_backbone"]:
+            load_backbone_weights(self.backbone, config["pretrained_backbone"], config["llm_path"])
         self.ilp = nn.Linear(hidden_size(self.backbone), self.n_items, bias=False)
+        self.item_tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
+        if config["ilp_checkpoint"]:
+            self.load_ilp(config["ilp_checkpoint"])
 
         prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
         segment_tokens, segment_len = self._segment_table(dataset.item_token_ids, dataset.item_token_len, prompt)
@@ -71,6 +103,8 @@ class ST2SI(SequentialRecommender):
 
         if self.train_stage == "ilp":
             self.backbone.requires_grad_(False)
+        elif self.train_stage == "lora":
+            self.backbone = with_lora_adapters(self.backbone, config)
 
     def _segment_table(self, item_tokens, item_len, prompt):
         """Token table of every input segment: item ``i``'s text followed by ``[Q]``, and, at row
@@ -83,6 +117,23 @@ class ST2SI(SequentialRecommender):
         lengths = torch.cat([item_len + 1, torch.tensor([len(prompt)])])
         lengths[0] = 0
         return table, lengths
+
+    def save_ilp(self, path):
+        """Save the ILP with the item ids it scores: one small file per dataset, so one backbone
+        serves many domains and switching a domain means loading another ILP."""
+        torch.save({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
+
+    def load_ilp(self, path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error})") from None
+        if saved["items"] != self.item_tokens or saved["weight"].shape != self.ilp.weight.shape:
+            raise UserInputError(
+                f"ilp_checkpoint {path} scores other items or another backbone width than this dataset and backbone"
+            )
+        with torch.no_grad():
+            self.ilp.weight.copy_(saved["weight"])
 
     def train(self, mode=True):
         super().train(mode)

@@ -1,0 +1,139 @@
+"""Efficient ILP tuning (cached [Q] states), pre-training and transfer, LoRA, ILP files."""
+
+import pytest
+import torch
+from recbole.utils import init_seed
+
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.feature_cache import cached_dataloaders
+from recbole_st2si.model import ST2SI
+from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.utils import create_dataset, data_preparation
+
+from .conftest import DATA_DIR
+
+
+def build(config):
+    init_seed(config["seed"], True)
+    dataset = create_dataset(config)
+    loaders = data_preparation(config, dataset)
+    return ST2SI(config, loaders[0].dataset), loaders
+
+
+def ilp_settings(tmp_path, **overrides):
+    entries = dict(train_stage="ilp", train_window="full", MAX_ITEM_LIST_LENGTH=50, feature_cache_dir=str(tmp_path / "cache"))
+    entries.update(overrides)
+    return entries
+
+
+def ilp_config(make_config, tmp_path, **overrides):
+    return make_config(**ilp_settings(tmp_path, **overrides))
+
+
+def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path):
+    config = ilp_config(make_config, tmp_path)
+    model, (train_data, valid_data, test_data) = build(config)
+    cached_train, cached_valid, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
+    model.eval()
+    with torch.no_grad():
+        for index in ([0, 1, 2], list(range(5, 60, 4)), list(range(train_data.sample_size))):
+            uncached = model.calculate_loss(train_data.collate_fn(index))
+            cached = model.calculate_loss(cached_train.collate_fn(index))
+            assert torch.allclose(cached, uncached, atol=1e-5)
+        for plain, cached in ((valid_data, cached_valid), (test_data, cached_test)):
+            for plain_batch, cached_batch in zip(plain, cached):
+                assert torch.allclose(
+                    model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
+                )
+
+
+def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp_path):
+    config = ilp_config(make_config, tmp_path)
+    model, loaders = build(config)
+    first = cached_dataloaders(config, model, *loaders)[0].features
+    files = sorted((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 1
+    again = cached_dataloaders(config, model, *loaders)[0].features
+    assert torch.equal(first.train, again.train) and sorted((tmp_path / "cache").glob("*.pt")) == files
+
+    shorter_text = ilp_config(make_config, tmp_path, max_attr_tokens=1)
+    cached_dataloaders(shorter_text, *build_pair(shorter_text))
+    with torch.no_grad():
+        model.backbone.layers[0].mlp.up_proj.weight.add_(0.01)  # another backbone, same inputs
+    cached_dataloaders(config, model, *loaders)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+def build_pair(config):
+    model, loaders = build(config)
+    return (model, *loaders)
+
+
+def test_ilp_tuning_learns_the_known_transitions(settings, tmp_path):
+    """On chains of items the next item is a function of the last item's text: a frozen random
+    backbone plus a trained ILP must rank it far above chance (Hit@10 of a random ranking: 10/40)."""
+    entries = ilp_settings(tmp_path, epochs=60, ilp_learning_rate=0.05, warmup_steps=0,
+                           gradient_accumulation_steps=1, stopping_step=60, eval_step=60)
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(**entries))
+    assert result["test_result"]["hit@10"] >= 0.6
+
+
+def test_pretrain_then_transfer_with_a_fresh_ilp(make_config, settings, tmp_path):
+    backbone_dir = tmp_path / "backbone"
+    pretrain = settings(train_stage="pretrain", pretrained_backbone_dir=str(backbone_dir), epochs=1)
+    run_recbole_st2si("ST2SI", "tiny", config_dict=pretrain)
+    assert (backbone_dir / "model.safetensors").is_file()
+
+    target = ilp_config(make_config, tmp_path, pretrained_backbone=str(backbone_dir))
+    model, _ = build(target)
+    pretrained = build(make_config(llm_path=str(backbone_dir)))[0]
+    for name, weight in pretrained.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], weight)
+    assert target["ilp_learning_rate"] == pytest.approx(1e-4)  # the authors' ILP rate after pre-training
+
+
+def test_pretrained_backbone_of_another_architecture_is_refused(make_config, tmp_path):
+    backbone_dir = tmp_path / "other"
+    model, _ = build(make_config(llm_path="tiny-random"))
+    model.backbone.save_pretrained(backbone_dir)
+    with pytest.raises(UserInputError, match="does not match the architecture"):
+        build(make_config(pretrained_backbone=str(backbone_dir)))
+
+
+def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
+    model, _ = build(make_config())
+    path = tmp_path / "ilp.pth"
+    model.save_ilp(path)
+    reloaded, _ = build(make_config(ilp_checkpoint=str(path), seed=8))
+    assert torch.equal(reloaded.ilp.weight, model.ilp.weight)
+
+    torch.save({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
+    with pytest.raises(UserInputError, match="scores other items"):
+        build(make_config(ilp_checkpoint=str(path)))
+
+
+def test_lora_trains_adapters_and_ilp_only(make_config):
+    model, (train_data, _, _) = build(make_config(train_stage="lora", lora_r=2))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert "ilp.weight" in trainable and any("lora_" in name for name in trainable)
+    assert all(name == "ilp.weight" or "lora_" in name for name in trainable)
+    loss = model.calculate_loss(train_data.collate_fn([0, 1, 2]))
+    loss.backward()
+    assert all(parameter.grad is not None for name, parameter in model.named_parameters() if "lora_B" in name)
+
+
+def test_several_domains_are_merged_for_pretraining(make_config, tmp_path):
+    for domain in ("Alpha", "Beta"):
+        folder = tmp_path / domain
+        folder.mkdir()
+        source = DATA_DIR / "tiny"
+        item_lines = (source / "tiny.item").read_text().splitlines()
+        folder.joinpath(f"{domain}.item").write_text(
+            "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\n"
+            + "".join(f"{line}\t\n" for line in item_lines[1:])
+        )
+        folder.joinpath(f"{domain}.inter").write_text((source / "tiny.inter").read_text())
+    config = make_config(dataset="Alpha,Beta", data_path=str(tmp_path))
+    assert config["dataset"] == "Alpha+Beta"
+    dataset = create_dataset(config)
+    assert dataset.item_num - 1 == 80 and dataset.user_num - 1 == 60  # ids kept apart per domain
