@@ -98,12 +98,12 @@ def padding_token_id(tokenizer) -> int:
     return 0
 
 
-def tiny_random_decoder(vocab_size: int) -> LlamaModel:
-    """A two-layer Llama decoder with hidden size 64 and random weights: for smoke runs and tests."""
+def tiny_random_decoder(vocab_size: int, hidden: int = 64) -> LlamaModel:
+    """A two-layer Llama decoder with random weights (hidden size 64 by default): for smoke runs and tests."""
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from recbole_st2si.backbone import tiny_random_decoder
 from recbole_st2si.utils import create_config
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -30,16 +31,7 @@ def tiny_backbone_dir(tmp_path_factory):
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    LlamaModel(config).save_pretrained(folder)
+    tiny_random_decoder(len(vocab), hidden=32).save_pretrained(folder)
     return folder
 
 
