@@ -227,6 +227,9 @@ def uses_feature_cache(config, valid_data, test_data):
     """ILP tuning reads cached states when asked to and when the evaluation ranks all items."""
     if config["model"] != "ST2SI" or config["train_stage"] != "ilp" or not config["feature_cache"]:
         return False
+    if not config["multi_query"]:
+        getLogger().warning("feature cache: it holds every [Q]'s state; multi_query=False runs the frozen backbone instead")
+        return False
     if isinstance(valid_data, FullSortEvalDataLoader) and isinstance(test_data, FullSortEvalDataLoader):
         return True
     getLogger().warning("feature cache: only full-ranking evaluation is cached; running the frozen backbone instead")

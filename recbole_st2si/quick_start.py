@@ -1,6 +1,7 @@
 """One call that trains and tests ST2SI or any RecBole model under the same evaluation."""
 
 import os
+import time
 from logging import getLogger
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
@@ -24,7 +25,9 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
 
     Returns:
-        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``.
+        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``,
+        and, for reports, ``train_time_s`` (training and validation), ``dataset_statistics``, the
+        final ``config`` and the ``trainer`` (with its model).
     """
     config = create_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
@@ -43,9 +46,11 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         train_data, valid_data, test_data = cached_dataloaders(config, model, train_data, valid_data, test_data)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    fit_start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )
+    train_time = time.perf_counter() - fit_start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     if config["model"] == "ST2SI" and saved:
@@ -60,6 +65,10 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "train_time_s": train_time,
+        "dataset_statistics": {"users": dataset.user_num, "items": dataset.item_num, "inters": dataset.inter_num},
+        "config": config,
+        "trainer": trainer,
     }
 
 

@@ -1,0 +1,573 @@
+"""Side-by-side benchmark of ST2SI and RecBole's sequential baselines under one evaluation.
+
+    python -m recbole_st2si.benchmark --dataset=ml-100k --models=ST2SI,SASRec,GRU4Rec,BERT4Rec,FDSA,S3Rec
+
+Every model (ST2SI: every train stage and ablation variant) and seed runs in its own subprocess, so a
+crash loses one row only; each finished run is written to ``<output_dir>/<dataset>/runs/`` at once
+and is not run again unless ``--rerun``. The table, CSV, per-model configurations and chart are
+written to ``<output_dir>/<dataset>/`` (``-uni19`` / ``-ablation`` suffixes for those modes).
+Any other ``--key=value`` overrides a setting for every model; ``--Model.key=value`` (or
+``--ST2SI-ilp.key=value`` for one variant) for one model only. See docs/benchmark.md.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from recbole_st2si.errors import UserInputError
+
+DEFAULT_MODELS = ("ST2SI", "SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec")
+ABLATIONS = {  # the paper's Table 3 rows: variant suffix -> ST2SI settings
+    "": {},
+    "-wo-multi-query": {"multi_query": False},
+    "-wo-id-alignment": {"id_alignment": False},
+    "-wo-both": {"multi_query": False, "id_alignment": False},
+}
+RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that controls them
+    "seed": "--seeds",
+    "train_stage": "--st2si_stages",
+    "pretrain_epochs": "--s3rec_pretrain_epochs",
+    "checkpoint_dir": "--output_dir",
+}
+EFFORT_COLUMNS = ("train_time_s", "epochs")
+METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
+LOG_TAIL_LINES = 40
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol: the candidates ranked, the metrics reported and charted."""
+
+    eval_mode: str
+    suffix: str
+    columns: tuple
+    chart: tuple
+    chart_file: str
+    settings: dict = field(default_factory=dict)
+
+
+PROTOCOLS = {
+    "full": Protocol(
+        "full", "", ("ndcg@10", "recall@10", "mrr@10", "hit@10"), ("ndcg@10", "recall@10"), "ndcg_recall.png"
+    ),
+    # The paper's Table 9: the target among 19 uniformly sampled negatives, HitRatio@1.
+    "uni19": Protocol(
+        "uni19",
+        "-uni19",
+        ("hit@1", "hit@5", "ndcg@5", "hit@10", "ndcg@10", "mrr@10"),
+        ("hit@1", "ndcg@10"),
+        "hit1_ndcg.png",
+        {"metrics": ["Hit", "NDCG", "MRR"], "topk": [1, 5, 10]},
+    ),
+}
+
+
+class ComparabilityError(Exception):
+    """Runs that were meant to share one evaluation did not."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a model, or an ST2SI train stage / ablation."""
+
+    name: str
+    model: str
+    settings: dict = field(default_factory=dict)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m recbole_st2si.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --seed=1 must not silently become --seeds=1
+    )
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
+    parser.add_argument(
+        "--models", default=None, help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; ST2SI with --ablation)"
+    )
+    parser.add_argument("--seeds", default="2020", help="comma-separated seeds; several give mean and std")
+    parser.add_argument("--config_files", default="", help="YAML files for every model, separated by spaces or commas")
+    parser.add_argument(
+        "--output_dir", default="results", help="results go to <output_dir>/<dataset>[-uni19][-ablation]"
+    )
+    parser.add_argument("--rerun", action="store_true", help="run again the runs that finished before")
+    parser.add_argument("--st2si_stages", default=None, help="ST2SI train stages, one row each: ilp,full,lora "
+                        "(default: full on a GPU, ilp on CPU)")
+    parser.add_argument("--ablation", action="store_true", help="ST2SI w/o multi-query, w/o ID alignment, w/o both")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
+                        help="full: rank every item; uni19: the target among 19 sampled negatives (HitRatio@1)")
+    parser.add_argument("--s3rec_pretrain_epochs", type=int, default=10,
+                        help="S3Rec pre-training epochs before fine-tuning (default: 10; RecBole's own is 500)")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="keep <results>/saved/ after each run")
+    return parser
+
+
+def split_list(text):
+    return [item for item in text.replace(",", " ").split() if item]
+
+
+def parse_overrides(extra):
+    """``--key=value`` for every model and ``--Scope.key=value`` for one model or variant."""
+    overrides = {}
+    for argument in extra:
+        if not argument.startswith("--") or "=" not in argument:
+            raise UserInputError(f"unrecognized argument {argument!r}: settings are given as --key=value")
+        key, value = argument[2:].split("=", 1)
+        scope, _, key = key.rpartition(".")
+        if not key:
+            raise UserInputError(f"empty setting name in {argument!r}")
+        if key in RESERVED_KEYS:
+            raise UserInputError(f"{key} is set by the benchmark: use {RESERVED_KEYS[key]}")
+        overrides.setdefault(scope, {})[key] = value
+    return overrides
+
+
+def parse_models(text, ablation):
+    """Requested model names, checked against the plugin's and RecBole's models."""
+    from recbole_st2si.utils import get_model  # imports RecBole and transformers: only once the input is read
+
+    if text is None:
+        text = "ST2SI" if ablation else ",".join(DEFAULT_MODELS)
+    models = list(dict.fromkeys(split_list(text)))
+    if not models:
+        raise UserInputError("--models is empty: name at least one model, e.g. --models=ST2SI,SASRec")
+    for model in models:
+        get_model(model)
+    return models
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(seed) for seed in split_list(text)]
+    except ValueError:
+        raise UserInputError(f"--seeds must be integers separated by commas, got {text!r}") from None
+    if not seeds:
+        raise UserInputError("--seeds is empty")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_stages(text):
+    """ST2SI train stages; by default the one ST2SI picks itself (``auto``) on this machine."""
+    from recbole_st2si.model.st2si import TRAIN_STAGES
+
+    stages = split_list(text) if text is not None else ["full" if torch.cuda.is_available() else "ilp"]
+    allowed = [stage for stage in TRAIN_STAGES if stage != "pretrain"]
+    unknown = [stage for stage in stages if stage not in allowed]
+    if unknown or not stages:
+        raise UserInputError(f"--st2si_stages must be a comma-separated subset of {allowed}, got {text!r}")
+    return list(dict.fromkeys(stages))
+
+
+def parse_config_files(text):
+    files = split_list(text)
+    for name in files:
+        if not os.path.isfile(name):
+            raise UserInputError(f"config file not found: {name}")
+    return [str(Path(name).resolve()) for name in files]
+
+
+def prepare_output(path):
+    """Create the results folder and make sure it can be written, before hours of training."""
+    try:
+        (path / "runs").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path / "runs"):
+            pass
+    except OSError as error:
+        raise UserInputError(f"cannot write to the output directory {path}: {error.strerror}") from None
+
+
+# --- planning and running ------------------------------------------------------------------------
+
+
+def plan_variants(models, stages, ablation):
+    """The table's rows: every model, ST2SI once per train stage (and ablation variant)."""
+    ablations = ABLATIONS if ablation else {"": {}}
+    variants = []
+    for model in models:
+        if model != "ST2SI":
+            variants.append(Variant(model, model))
+            continue
+        for stage in stages:
+            for suffix, settings in ablations.items():
+                variants.append(Variant(f"ST2SI-{stage}{suffix}", model, {"train_stage": stage, **settings}))
+    return variants
+
+
+def check_scopes(overrides, variants):
+    names = {variant.model for variant in variants} | {variant.name for variant in variants}
+    unknown = sorted(scope for scope in overrides if scope and scope not in names)
+    if unknown:
+        raise UserInputError(f"--{unknown[0]}.key=value names no model or variant of this run; known: {sorted(names)}")
+
+
+def build_request(variant, seed, args, protocol, overrides, config_files):
+    """Everything that defines one run; a stored run is reused only if its request is identical."""
+    config_dict = {
+        "show_progress": False,
+        **protocol.settings,
+        **overrides.get("", {}),
+        **overrides.get(variant.model, {}),
+        **overrides.get(variant.name, {}),
+        **variant.settings,
+        "seed": seed,
+    }
+    request = {
+        "variant": variant.name,
+        "model": variant.model,
+        "dataset": args.dataset,
+        "seed": seed,
+        "eval_mode": protocol.eval_mode,
+        "config_files": config_files,
+        "config_dict": config_dict,
+    }
+    if variant.model == "S3Rec":
+        request["s3rec_pretrain_epochs"] = args.s3rec_pretrain_epochs
+    return json.loads(json.dumps(request))  # as it reads back from a run file
+
+
+def run_name(request):
+    return f"{request['variant']}-seed{request['seed']}"
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(record, path):
+    """Write atomically, so an interrupted benchmark never leaves a half-written file behind."""
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, path)
+
+
+def run_or_reuse(request, results_dir, rerun, keep_checkpoints):
+    """The run's record: read back if it finished before with the same request, else run now."""
+    result_file = results_dir / "runs" / f"{run_name(request)}.json"
+    previous = read_json(result_file)
+    if not rerun and previous and previous.get("status") == "ok" and previous.get("request") == request:
+        print(f"{run_name(request)}: finished before, skipped (--rerun runs it again)", flush=True)
+        return previous
+    return launch(request, results_dir, result_file, keep_checkpoints)
+
+
+def launch(request, results_dir, result_file, keep_checkpoints):
+    """Run the worker in a subprocess with a clean command line; a crash becomes a failed record."""
+    name = run_name(request)
+    log_file = results_dir / "runs" / f"{name}.log"
+    checkpoint_dir = results_dir / "saved" / name
+    result_file.unlink(missing_ok=True)
+    spec = {"request": request, "result_file": str(result_file), "checkpoint_dir": str(checkpoint_dir)}
+    print(f"{name}: running (log: {log_file})", flush=True)
+    with open(log_file, "w") as log:
+        completed = subprocess.run(
+            [sys.executable, "-m", "recbole_st2si.benchmark_worker"],
+            input=json.dumps(spec),
+            text=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    record = read_json(result_file) if completed.returncode == 0 else None
+    if record is None:
+        record = failure_record(request, completed.returncode, log_file)
+        write_json(record, result_file)
+        print(f"{name}: FAILED (exit status {completed.returncode}), see {log_file}", flush=True)
+    else:
+        print(f"{name}: done in {record['total_time_s']:.0f} s, test {record['test_result']}", flush=True)
+    return record
+
+
+def failure_record(request, returncode, log_file):
+    lines = log_file.read_text(errors="replace").splitlines()
+    return {
+        "status": "failed",
+        "request": request,
+        "returncode": returncode,
+        "log": log_file.name,
+        "log_tail": "\n".join(lines[-LOG_TAIL_LINES:]),
+        "finished_at": now(),
+    }
+
+
+# --- checks and aggregation ----------------------------------------------------------------------
+
+
+def check_comparable(records):
+    """Fail unless every finished run used the same evaluation settings and dataset statistics."""
+    finished = [record for record in records if record["status"] == "ok"]
+    keys = sorted({key for record in finished for key in record["evaluation"]})
+    problems = []
+    for key in keys:
+        groups = {}
+        for record in finished:
+            value = json.dumps(record["evaluation"].get(key), sort_keys=True)
+            groups.setdefault(value, []).append(run_name(record["request"]))
+        if len(groups) > 1:
+            described = [f"{value} ({', '.join(names)})" for value, names in groups.items()]
+            problems.append(f"{key}: " + " vs ".join(described))
+    if problems:
+        raise ComparabilityError("runs were not evaluated the same way:\n  " + "\n  ".join(problems))
+
+
+def value_of(record, column):
+    """A test metric (``ndcg@10``) or a measurement (``train_time_s``) of one finished run."""
+    return record["test_result"].get(column) if "@" in column else record.get(column)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (None for a single value) of the values that exist."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(variant_name, records, columns):
+    """One table row from the runs (seeds) of one variant: mean and std of every column."""
+    finished = [record for record in records if record["status"] == "ok"]
+    if len(finished) == len(records):
+        status = "ok"
+    else:
+        status = "partly failed" if finished else "failed"
+    row = {
+        "model": variant_name,
+        "status": status,
+        "seeds": " ".join(str(record["request"]["seed"]) for record in records),
+        "seeds_ok": len(finished),
+    }
+    for column in (*columns, *EFFORT_COLUMNS):
+        row[f"{column}_mean"], row[f"{column}_std"] = mean_std([value_of(record, column) for record in finished])
+    row["params_trainable"] = finished[0]["params_trainable"] if finished else None
+    row["params_total"] = finished[0]["params_total"] if finished else None
+    row["failed_logs"] = " ".join(f"runs/{record['log']}" for record in records if record["status"] != "ok")
+    return row
+
+
+def group_by_variant(records):
+    groups = {}
+    for record in records:
+        groups.setdefault(record["request"]["variant"], []).append(record)
+    return groups
+
+
+def csv_columns(columns):
+    stats = [f"{column}_{stat}" for column in (*columns, *EFFORT_COLUMNS) for stat in ("mean", "std")]
+    return ["model", "status", "seeds", "seeds_ok", *stats, "params_trainable", "params_total", "failed_logs"]
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def display_name(column):
+    metric, _, k = column.partition("@")
+    return f"{METRIC_NAMES.get(metric, metric)}@{k}"
+
+
+def format_cell(row, column, digits):
+    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(rows, columns):
+    header = [*(display_name(column) for column in columns), "train time (s)", "epochs", "params (trainable / total)"]
+    lines = ["| model | " + " | ".join(header) + " | seeds | status |", "|---" * (len(header) + 3) + "|"]
+    for row in rows:
+        params = f"{row['params_trainable']:,} / {row['params_total']:,}" if row["params_total"] is not None else "–"
+        cells = [format_cell(row, column, 4) for column in columns]
+        cells += [format_cell(row, "train_time_s", 0), format_cell(row, "epochs", 1), params]
+        status = row["status"] + (f" ({row['failed_logs']})" if row["failed_logs"] else "")
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['seeds']} | {status} |")
+    return "\n".join(lines)
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_summary():
+    """The machine a run trained on, for the report (runs may come from several invocations)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"CPU: {cpu_model()} ({cores} cores, {torch.get_num_threads()} torch threads); GPU: {gpu}"
+
+
+def library_versions():
+    versions = {"python": platform.python_version()}
+    for package in ("recbole-st2si", "recbole", "torch", "transformers", "numpy", "pandas"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if commit.returncode == 0:
+        versions["recbole-st2si commit"] = commit.stdout.strip()
+    return versions
+
+
+def readme_text(rows, records, protocol, command, dataset):
+    finished = [record for record in records if record["status"] == "ok"]
+    evaluation = finished[0]["evaluation"] if finished else {}
+    hardware = sorted({record["hardware"] for record in finished}) or [hardware_summary()]
+    versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+    if protocol.eval_mode == "full":
+        mode = "every item ranked"
+    else:
+        mode = f"the target among {protocol.eval_mode[3:]} sampled negatives"
+    lines = [
+        f"# Benchmark on {dataset}: {mode}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {now()}",
+        f"- hardware: {'; '.join(hardware)}",
+        f"- libraries: {versions}",
+        f"- shared evaluation (checked identical for every run): "
+        + ", ".join(f"{key}={json.dumps(value)}" for key, value in evaluation.items()),
+        "",
+        "Test results, mean ± sample standard deviation over the seeds. Train time: seconds in training and",
+        "validation (S3Rec: pre-training included); epochs: training epochs run (early stopping on the valid metric).",
+        "",
+        markdown_table(rows, protocol.columns),
+        "",
+        f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
+        "",
+        f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_chart(rows, protocol, path):
+    """Grouped bars of the protocol's two headline metrics, with standard deviations as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rows = [row for row in rows if row[f"{protocol.chart[0]}_mean"] is not None]
+    figure, axes = pyplot.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.8 / len(protocol.chart)
+    for index, column in enumerate(protocol.chart):
+        positions = [position + (index - (len(protocol.chart) - 1) / 2) * width for position in range(len(rows))]
+        means = [row[f"{column}_mean"] or 0.0 for row in rows]
+        errors = [row[f"{column}_std"] or 0.0 for row in rows]
+        axes.bar(positions, means, width, yerr=errors, capsize=3, label=display_name(column))
+    axes.set_xticks(range(len(rows)), [row["model"] for row in rows], rotation=30, ha="right")
+    axes.set_ylabel("test score")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def best_run(records):
+    """The seed with the best validation score: its configuration is the model's reported one."""
+    finished = [record for record in records if record["status"] == "ok"]
+    if not finished:
+        return None
+    return max(finished, key=lambda record: record["best_valid_score"] * (1 if record["valid_score_bigger"] else -1))
+
+
+def write_report(results_dir, records, protocol, command, dataset):
+    """README.md, results.csv, configs/<variant>.yaml and the chart, from the runs' records."""
+    import yaml
+
+    groups = group_by_variant(records)
+    rows = [summarize(name, group, protocol.columns) for name, group in groups.items()]
+    with open(results_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(protocol.columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()})
+    (results_dir / "configs").mkdir(exist_ok=True)
+    for name, group in groups.items():
+        best = best_run(group)
+        if best:
+            (results_dir / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=True))
+    if any(row["seeds_ok"] for row in rows):
+        plot_chart(rows, protocol, results_dir / protocol.chart_file)
+    (results_dir / "README.md").write_text(readme_text(rows, records, protocol, command, dataset))
+    return rows
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def make_plan(argv):
+    """Read and check the command line; returns the options, output folder and run requests."""
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = parse_overrides(extra)
+    models = parse_models(args.models, args.ablation)
+    stages = parse_stages(args.st2si_stages) if "ST2SI" in models else []
+    seeds = parse_seeds(args.seeds)
+    config_files = parse_config_files(args.config_files)
+    if args.s3rec_pretrain_epochs < 1:
+        raise UserInputError("--s3rec_pretrain_epochs must be at least 1")
+    variants = plan_variants(models, stages, args.ablation)
+    check_scopes(overrides, variants)
+    protocol = PROTOCOLS[args.protocol]
+    results_dir = Path(args.output_dir) / f"{args.dataset}{protocol.suffix}{'-ablation' if args.ablation else ''}"
+    prepare_output(results_dir)
+    requests = [
+        build_request(variant, seed, args, protocol, overrides, config_files) for variant in variants for seed in seeds
+    ]
+    return args, protocol, results_dir, requests
+
+
+def main(argv=None):
+    """Run the benchmark; exit status 0 if every run finished, 1 if one failed or runs disagree,
+    2 for unusable input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, protocol, results_dir, requests = make_plan(argv)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    records = [run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints) for request in requests]
+    try:
+        check_comparable(records)
+    except ComparabilityError as error:
+        print(f"error: {error}\nNo table written; fix the settings and rerun the runs named above.", file=sys.stderr)
+        return 1
+    command = shlex.join(["python", "-m", "recbole_st2si.benchmark", *argv])
+    rows = write_report(results_dir, records, protocol, command, args.dataset)
+    print(f"results: {results_dir / 'README.md'}")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""One benchmark run in its own process: ``python -m recbole_st2si.benchmark_worker < spec.json``.
+
+The run's description comes on stdin, not on the command line, because RecBole's ``Config`` turns
+every ``--key=value`` argument of the process into a setting. The worker trains and tests one model
+through :func:`recbole_st2si.quick_start.run_recbole_st2si` (S3Rec: pre-training, then
+fine-tuning), and writes one JSON file with the results, timings, epochs, parameter counts, the
+evaluation settings the benchmark compares across runs, and the run's configuration.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import recbole
+import yaml
+
+from recbole_st2si.benchmark import hardware_summary, now, write_json
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.utils import create_config
+
+EVALUATION_KEYS = (
+    "eval_args",
+    "metrics",
+    "topk",
+    "valid_metric",
+    "MAX_ITEM_LIST_LENGTH",
+    "valid_neg_sample_args",
+    "test_neg_sample_args",
+)
+TRAINING_KEYS = ("epochs", "stopping_step", "eval_step", "learning_rate", "train_batch_size", "seed")
+MACHINE_KEYS = {
+    "checkpoint_dir",
+    "data_path",
+    "feature_cache_dir",
+    "pre_model_path",
+    "device",
+    "gpu_id",
+    "show_progress",
+    "local_rank",
+}
+
+
+def protocol_settings(request):
+    """Switch the evaluation mode (``full`` -> e.g. ``uni19``) while keeping the configured split.
+
+    A ``config_dict`` entry replaces a whole YAML entry, so the mode alone cannot be overridden:
+    the merged ``eval_args`` are read from a probe config and only ``mode`` is changed.
+    """
+    settings = dict(request["config_dict"])
+    mode = request["eval_mode"]
+    probe = create_config(request["model"], request["dataset"], request["config_files"], settings)
+    if set(probe["eval_args"]["mode"].values()) != {mode}:
+        settings["eval_args"] = {**probe["eval_args"], "mode": {"valid": mode, "test": mode}}
+    return settings
+
+
+def pretrain_s3rec(request, settings):
+    """S3Rec's self-supervised pre-training, which fine-tuning starts from (RecBole runs the two
+    stages as two separate runs); returns the checkpoint and the stage's epochs and time."""
+    pretrain = {**settings, "train_stage": "pretrain"}
+    result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], pretrain, saved=False)
+    trainer = result["trainer"]
+    stats = {"pretrain_epochs": len(trainer.train_loss_dict), "pretrain_time_s": result["train_time_s"]}
+    return trainer.saved_model_file, stats
+
+
+def plain(value):
+    """A JSON/YAML-safe copy of a config value (enums, devices and the like become strings)."""
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_configuration(config, model_name):
+    """The entries that define this run: everything set by a file, the benchmark or the user,
+    the model's own hyper-parameters, and the main training settings; no machine paths."""
+    model_file = Path(recbole.__file__).parent / "properties" / "model" / f"{model_name}.yaml"
+    model_defaults = yaml.safe_load(model_file.read_text()) if model_file.is_file() else {}
+    keys = set(config.external_config_dict) | set(model_defaults) | set(TRAINING_KEYS) | set(EVALUATION_KEYS)
+    return {key: plain(config[key]) for key in sorted(keys - MACHINE_KEYS) if key in config}
+
+
+def measure(result):
+    """Evaluation settings, dataset statistics, size and effort of a finished run."""
+    config, model = result["config"], result["trainer"].model
+    evaluation = {key: plain(config[key]) for key in EVALUATION_KEYS}
+    statistics = result["dataset_statistics"]
+    evaluation.update(users=statistics["users"], items=statistics["items"], inters=statistics["inters"])
+    return {
+        "train_time_s": result["train_time_s"],
+        "epochs": len(result["trainer"].train_loss_dict),
+        "params_total": sum(parameter.numel() for parameter in model.parameters()),
+        "params_trainable": sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
+        "evaluation": evaluation,
+        "config": run_configuration(config, config["model"]),
+        "device": str(config["device"]),
+    }
+
+
+def run(spec):
+    """Train and test the run described by ``spec``; returns the result record."""
+    request = spec["request"]
+    settings = {**protocol_settings(request), "checkpoint_dir": spec["checkpoint_dir"]}
+    start = time.perf_counter()
+    pretraining = {}
+    if request["model"] == "S3Rec":
+        epochs = request["s3rec_pretrain_epochs"]
+        settings.update(pretrain_epochs=epochs, save_step=epochs)  # one checkpoint: the last epoch's
+        pre_model_path, pretraining = pretrain_s3rec(request, settings)
+        settings.update(train_stage="finetune", pre_model_path=pre_model_path)
+    result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], settings)
+    record = {
+        "status": "ok",
+        "request": request,
+        "best_valid_score": float(result["best_valid_score"]),
+        "valid_score_bigger": bool(result["valid_score_bigger"]),
+        "best_valid_result": plain(result["best_valid_result"]),
+        "test_result": plain(result["test_result"]),
+        **measure(result),
+        **pretraining,
+        "total_time_s": time.perf_counter() - start,
+        "hardware": hardware_summary(),
+        "finished_at": now(),
+    }
+    record["train_time_s"] += pretraining.get("pretrain_time_s", 0.0)
+    return record
+
+
+def main():
+    spec = json.load(sys.stdin)
+    try:
+        record = run(spec)
+    except UserInputError as error:
+        sys.exit(f"error: {error}")
+    write_json(record, spec["result_file"])
+
+
+if __name__ == "__main__":
+    main()

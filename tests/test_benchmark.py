@@ -1,0 +1,199 @@
+"""The side-by-side benchmark: real runs on the tiny dataset, resumability, crashes, mismatches,
+bad input, and the aggregation into table and CSV."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recbole_st2si import benchmark
+
+DATA_DIR = Path(__file__).parent / "data"
+
+SMALL_S3REC = ["--S3Rec.item_attribute=brand", "--S3Rec.hidden_size=8", "--S3Rec.inner_size=16", "--S3Rec.n_layers=1"]
+
+
+
+@pytest.fixture(scope="module")
+def common(tiny_backbone_dir, tmp_path_factory):
+    """Settings of every real run: the tiny dataset, the tiny backbone, one epoch."""
+    cache = tmp_path_factory.mktemp("feature_cache")
+    return [
+        "--dataset=tiny",
+        f"--data_path={DATA_DIR}",
+        f"--llm_path={tiny_backbone_dir}",
+        f"--feature_cache_dir={cache}",
+        "--epochs=1",
+        "--s3rec_pretrain_epochs=1",
+    ]
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, common):
+    """ST2SI, S3Rec (pre-training + fine-tuning) and a GRU4Rec that crashes on a bad setting."""
+    output = tmp_path_factory.mktemp("benchmark")
+    argv = [*common, "--models=ST2SI,S3Rec,GRU4Rec", f"--output_dir={output}", *SMALL_S3REC]
+    argv.append("--GRU4Rec.embedding_size=-1")
+    status = benchmark.main(argv)
+    return status, output / "tiny"
+
+
+def test_runs_every_model_and_writes_the_report(first_run):
+    status, results = first_run
+    assert status == 1  # GRU4Rec failed
+    rows = {row["model"]: row for row in read_csv(results / "results.csv")}
+    assert list(rows) == ["ST2SI-ilp", "S3Rec", "GRU4Rec"]
+    for name in ("ST2SI-ilp", "S3Rec"):
+        assert rows[name]["status"] == "ok"
+        assert 0 <= float(rows[name]["ndcg@10_mean"]) <= 1
+        assert float(rows[name]["train_time_s_mean"]) > 0 and rows[name]["epochs_mean"] == "1"
+        assert 0 < int(rows[name]["params_trainable"]) <= int(rows[name]["params_total"])
+        record = json.loads((results / "runs" / f"{name}-seed2020.json").read_text())
+        assert record["status"] == "ok" and set(record["test_result"]) >= {"ndcg@10", "recall@10", "mrr@10", "hit@10"}
+        assert (results / "configs" / f"{name}.yaml").is_file()
+    # ST2SI on CPU trains only its item linear projection
+    assert int(rows["ST2SI-ilp"]["params_trainable"]) < int(rows["ST2SI-ilp"]["params_total"])
+    s3rec = json.loads((results / "runs" / "S3Rec-seed2020.json").read_text())
+    assert s3rec["pretrain_epochs"] == 1 and s3rec["config"]["train_stage"] == "finetune"
+    readme = (results / "README.md").read_text()
+    assert "| ST2SI-ilp |" in readme and "| S3Rec |" in readme and "python -m recbole_st2si.benchmark" in readme
+    assert (results / "ndcg_recall.png").stat().st_size > 0
+    assert not any((results / "saved").iterdir())  # checkpoints are removed after each run
+
+
+def test_crashed_model_is_reported_with_its_log(first_run):
+    _, results = first_run
+    row = {row["model"]: row for row in read_csv(results / "results.csv")}["GRU4Rec"]
+    assert row["status"] == "failed" and row["failed_logs"] == "runs/GRU4Rec-seed2020.log"
+    record = json.loads((results / "runs" / "GRU4Rec-seed2020.json").read_text())
+    assert record["status"] == "failed" and record["returncode"] != 0
+    assert "negative dimension" in record["log_tail"]
+    assert "negative dimension" in (results / "runs" / "GRU4Rec-seed2020.log").read_text()
+    assert "| GRU4Rec |" in (results / "README.md").read_text()
+
+
+def test_second_invocation_skips_finished_runs(first_run, common, capsys):
+    _, results = first_run
+    before = {path.name: path.read_text() for path in (results / "runs").glob("*.json")}
+    argv = [*common, "--models=ST2SI,S3Rec", f"--output_dir={results.parent}", *SMALL_S3REC]
+    assert benchmark.main(argv) == 0
+    output = capsys.readouterr().out
+    assert output.count("finished before, skipped") == 2 and "running" not in output
+    assert {path.name: path.read_text() for path in (results / "runs").glob("*.json")} == before
+    assert [row["model"] for row in read_csv(results / "results.csv")] == ["ST2SI-ilp", "S3Rec"]
+
+
+def test_mismatched_evaluation_is_caught(first_run, common, tmp_path, capsys):
+    _, results = first_run
+    shutil.copytree(results / "runs", tmp_path / "tiny" / "runs")
+    argv = [*common, "--models=ST2SI,S3Rec", f"--output_dir={tmp_path}", *SMALL_S3REC]
+    argv.append("--ST2SI.MAX_ITEM_LIST_LENGTH=20")
+    assert benchmark.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "S3Rec-seed2020: finished before, skipped" in captured.out  # only ST2SI ran again
+    assert "MAX_ITEM_LIST_LENGTH: 20 (ST2SI-ilp-seed2020) vs 50 (S3Rec-seed2020)" in captured.err
+    assert not (tmp_path / "tiny" / "README.md").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--models="], "--models is empty"),
+        (["--models=SASRec,NoSuchRec"], "unknown model 'NoSuchRec'"),
+        (["--models=SASRec", "--seeds=one"], "--seeds must be integers"),
+        (["--models=ST2SI", "--st2si_stages=ilp,huge"], "--st2si_stages must be"),
+        (["--models=SASRec", "--GRU4Rec.epochs=1"], "names no model or variant"),
+        (["--models=SASRec", "--seed=3"], "use --seeds"),
+        (["--models=SASRec", "epochs"], "settings are given as --key=value"),
+        (["--models=SASRec", "--config_files=missing.yaml"], "config file not found"),
+    ],
+)
+def test_bad_input_exits_with_status_2(arguments, message, tmp_path, capsys):
+    assert benchmark.main([*arguments, f"--output_dir={tmp_path}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_exits_with_status_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert benchmark.main(["--models=SASRec", f"--output_dir={blocker}"]) == 2
+    assert "cannot write to the output directory" in capsys.readouterr().err
+
+
+def test_ablation_and_stages_plan_one_row_per_variant():
+    variants = benchmark.plan_variants(["ST2SI", "SASRec"], ["ilp", "full"], ablation=True)
+    names = [variant.name for variant in variants]
+    assert names[:4] == ["ST2SI-ilp", "ST2SI-ilp-wo-multi-query", "ST2SI-ilp-wo-id-alignment", "ST2SI-ilp-wo-both"]
+    assert len(names) == 9 and names[-1] == "SASRec"
+    assert variants[3].settings == {"train_stage": "ilp", "multi_query": False, "id_alignment": False}
+    assert variants[4].settings == {"train_stage": "full"}
+
+
+def fake_run(variant, seed, ndcg, status="ok", **evaluation):
+    """A run record as the worker writes it, with only what the report reads."""
+    request = {"variant": variant, "seed": seed}
+    if status != "ok":
+        return {"status": status, "request": request, "log": f"{variant}-seed{seed}.log"}
+    return {
+        "status": "ok",
+        "request": request,
+        "test_result": {"ndcg@10": ndcg, "recall@10": 2 * ndcg, "mrr@10": ndcg / 2, "hit@10": 2 * ndcg},
+        "best_valid_score": ndcg,
+        "valid_score_bigger": True,
+        "train_time_s": 10.0 * seed,
+        "epochs": seed,
+        "params_trainable": 100,
+        "params_total": 1000,
+        "evaluation": {"topk": [10], "users": 31, **evaluation},
+        "config": {"seed": seed, "ndcg": ndcg},
+        "hardware": "CPU: test",
+    }
+
+
+def test_aggregation_into_table_csv_and_configs(tmp_path):
+    records = [
+        fake_run("SASRec", 1, 0.1),
+        fake_run("SASRec", 2, 0.3),
+        fake_run("GRU4Rec", 1, 0.2),
+        fake_run("GRU4Rec", 2, None, status="failed"),
+        fake_run("BERT4Rec", 1, None, status="failed"),
+    ]
+    protocol = benchmark.PROTOCOLS["full"]
+    rows = benchmark.write_report(tmp_path, records, protocol, "python -m recbole_st2si.benchmark", "tiny")
+
+    table = {row["model"]: row for row in read_csv(tmp_path / "results.csv")}
+    assert list(table) == ["SASRec", "GRU4Rec", "BERT4Rec"]
+    assert float(table["SASRec"]["ndcg@10_mean"]) == pytest.approx(0.2)
+    assert float(table["SASRec"]["ndcg@10_std"]) == pytest.approx(0.141421, abs=1e-6)  # sample std
+    assert float(table["SASRec"]["recall@10_mean"]) == pytest.approx(0.4)
+    assert float(table["SASRec"]["train_time_s_mean"]) == pytest.approx(15.0)
+    assert table["SASRec"]["params_total"] == "1000" and table["SASRec"]["seeds"] == "1 2"
+    assert table["GRU4Rec"]["status"] == "partly failed" and table["GRU4Rec"]["ndcg@10_std"] == ""
+    assert table["GRU4Rec"]["failed_logs"] == "runs/GRU4Rec-seed2.log"
+    assert table["BERT4Rec"]["status"] == "failed" and table["BERT4Rec"]["ndcg@10_mean"] == ""
+    assert rows[0]["seeds_ok"] == 2
+
+    readme = (tmp_path / "README.md").read_text()
+    sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 1.5 ± 0.7 |"
+    assert sasrec in readme
+    assert "| BERT4Rec | – | – |" in readme and "partly failed (runs/GRU4Rec-seed2.log)" in readme
+    # the configuration kept is the seed with the best validation score
+    assert "seed: 2" in (tmp_path / "configs" / "SASRec.yaml").read_text()
+    assert not (tmp_path / "configs" / "BERT4Rec.yaml").exists()
+    assert (tmp_path / "ndcg_recall.png").is_file()
+
+
+def test_comparability_check_names_the_differing_setting():
+    same = [fake_run("SASRec", 1, 0.1), fake_run("GRU4Rec", 1, 0.2), fake_run("BERT4Rec", 1, None, status="failed")]
+    benchmark.check_comparable(same)
+    different = [fake_run("SASRec", 1, 0.1), fake_run("GRU4Rec", 1, 0.2, eval_mode="uni19")]
+    expected = r'eval_mode: null \(SASRec-seed1\) vs "uni19" \(GRU4Rec-seed1\)'
+    with pytest.raises(benchmark.ComparabilityError, match=expected):
+        benchmark.check_comparable(different)
