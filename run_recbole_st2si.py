@@ -3,6 +3,7 @@
     python run_recbole_st2si.py --model=ST2SI --dataset=ml-100k
     python run_recbole_st2si.py --model=SASRec --dataset=ml-100k
     python run_recbole_st2si.py --model=ST2SI --dataset=Scientific --data_path=dataset --train_stage=full
+    python run_recbole_st2si.py --model=ST2SI --dataset=ml-100k --nproc=2     # DDP: 2 GPUs (gloo on CPU)
 
 Any other ``--key=value`` overrides a RecBole/ST2SI setting (see properties/*.yaml).
 """
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.quick_start import run_recbole_st2si, run_recbole_st2si_distributed
 
 
 def main():
@@ -19,12 +20,26 @@ def main():
     parser.add_argument("--model", "-m", default="ST2SI", help="ST2SI or a RecBole model name")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", default=None, help="YAML files, separated by spaces or commas")
+    parser.add_argument("--nproc", type=int, default=1, help="DDP processes on this machine (one per GPU)")
+    parser.add_argument("--world_size", type=int, default=-1, help="DDP processes on all machines (default: nproc)")
+    parser.add_argument("--ip", default="localhost", help="address of the machine running global rank 0")
+    parser.add_argument("--port", default="5678", help="free port on that machine")
+    parser.add_argument("--offset", type=int, default=0, help="global rank of this machine's first process")
     args, _ = parser.parse_known_args()
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
     try:
-        result = run_recbole_st2si(args.model, args.dataset, config_file_list=config_files)
+        if args.nproc == 1 and args.world_size <= 0:
+            result = run_recbole_st2si(args.model, args.dataset, config_file_list=config_files)
+        else:
+            result = run_recbole_st2si_distributed(
+                args.model, args.dataset, config_files, nproc=args.nproc, world_size=args.world_size,
+                ip=args.ip, port=args.port, offset=args.offset,
+            )
     except UserInputError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if result is None:
+        return  # another machine holds global rank 0, which prints the results
     print(f"best valid: {dict(result['best_valid_result'] or {})}")
     print(f"test result: {dict(result['test_result'] or {})}")
 

@@ -53,7 +53,7 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
     train_time = time.perf_counter() - fit_start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
-    if config["model"] == "ST2SI" and saved:
+    if config["model"] == "ST2SI" and saved and config["local_rank"] == 0:
         save_st2si_parts(config, model)
 
     environment = get_environment(config)
@@ -121,5 +121,7 @@ def run_recbole_st2si_distributed(
 
 
 def run_rank(local_rank, model, dataset, config_file_list, config_dict, saved=True):
-    """One process of :func:`run_recbole_st2si_distributed`."""
-    return run_recbole_st2si(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+    """One process of :func:`run_recbole_st2si_distributed`; its result without the config and trainer,
+    which belong to this process (its device, process group and DDP model) and do not travel."""
+    result = run_recbole_st2si(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+    return {key: value for key, value in result.items() if key not in ("config", "trainer")}

@@ -3,9 +3,11 @@
 import math
 
 import torch
-from recbole.trainer import Trainer
+import torch.distributed as dist
+from recbole.trainer import AbstractTrainer, Trainer
 from recbole.utils import get_trainer as recbole_get_trainer
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -19,26 +21,44 @@ class SafeCheckpointMixin:
     RecBole pickles its ``Config`` into every checkpoint, which PyTorch >= 2.6 refuses to load by
     default, so RecBole's own reload of the best model for the test fails there. Mixed in front of
     any RecBole trainer (see :func:`get_trainer`), this keeps RecBole's training loop untouched.
+    In a distributed run rank 0 writes the checkpoint and every rank reloads it for the test.
     """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        if not config["single_spec"]:  # RecBole names the file by each rank's own clock
+            names = [self.saved_model_file]
+            dist.broadcast_object_list(names, src=0)
+            self.saved_model_file = names[0]
 
     def checkpoint_state_dict(self):
         """What a checkpoint stores of the model; ST2SI narrows it to the parameters it trains."""
         return self.model.state_dict()
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+    def _checkpoint(self, epoch):
+        # Modules some models list as "other parameters" (FDSA's feature embedding) are pickled
+        # objects, not tensors; their weights are in the state dict already.
+        other = self.model.other_parameter() or {}
+        return {
             "model": self.config["model"],
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "state_dict": self.checkpoint_state_dict(),
-            "other_parameter": self.model.other_parameter(),
+            "other_parameter": {k: v for k, v in other.items() if not isinstance(v, torch.nn.Module)},
             "optimizer": self.optimizer.state_dict(),
         }
-        torch.save(state, saved_model_file)
+
+    def save_pretrained_model(self, epoch, saved_model_file):
+        """RecBole's pre-training checkpoint (S3Rec), which its fine-tuning loads with ``torch.load``."""
+        torch.save(self._checkpoint(epoch), saved_model_file)
+        self.saved_model_file = saved_model_file
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        torch.save(self._checkpoint(epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -72,8 +92,28 @@ class SafeCheckpointMixin:
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
+            if not self.config["single_spec"]:
+                dist.barrier()  # until rank 0 has written the checkpoint
             self.load_checkpoint(model_file or self.saved_model_file)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+class CPUDistributedInit(AbstractTrainer):
+    """Wraps a CPU model in DDP without ``device_ids``, as DDP requires for CPU modules.
+
+    RecBole's ``AbstractTrainer.__init__`` always passes ``device_ids=[local_rank]`` (and converts
+    batch norm to its GPU-only synchronized form). Listed after RecBole's trainer in a class's bases,
+    this class sits right before ``AbstractTrainer`` in the MRO, so RecBole's ``Trainer.__init__``
+    reaches it and the rest of RecBole's set-up runs unchanged.
+    """
+
+    def __init__(self, config, model):
+        if config["single_spec"] or config["device"].type != "cpu":
+            super().__init__(config, model)
+            return
+        self.config = config
+        self.model = model
+        self.distributed_model = DistributedDataParallel(model)
 
 
 _safe_trainers = {}
@@ -85,11 +125,11 @@ def get_trainer(model_type, model_name):
         return ST2SITrainer
     base = recbole_get_trainer(model_type, model_name)
     if base not in _safe_trainers:
-        _safe_trainers[base] = type(f"Safe{base.__name__}", (SafeCheckpointMixin, base), {})
+        _safe_trainers[base] = type(f"Safe{base.__name__}", (SafeCheckpointMixin, base, CPUDistributedInit), {})
     return _safe_trainers[base]
 
 
-class ST2SITrainer(SafeCheckpointMixin, Trainer):
+class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     """RecBole's training loop with the authors' recipe: AdamW with separate learning rates for the
     backbone (``learning_rate``) and the ILP (``ilp_learning_rate``), a cosine schedule with
     ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and bf16/fp16 autocast on CUDA

@@ -1,0 +1,61 @@
+"""Multi-process (DDP) training with RecBole's own ``nproc``, ``world_size``, ``ip``, ``port`` and
+``offset`` settings: NCCL on GPUs as in RecBole, and gloo on CPUs, where RecBole's set-up fails."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from recbole.config import Config
+
+
+class PluginConfig(Config):
+    """RecBole's :class:`Config`; a distributed run without CUDA gets gloo and the CPU.
+
+    For a distributed run RecBole's ``_init_device`` asserts that ``gpu_id`` names ``nproc`` GPUs,
+    starts an NCCL process group and puts rank ``r`` on ``cuda:r``: all three fail on a CPU-only
+    machine (or with ``use_gpu: False``). Single-process runs and GPU runs are left to RecBole.
+    """
+
+    def _init_device(self):
+        settings = self.final_config_dict
+        if "local_rank" not in settings or (settings["use_gpu"] and torch.cuda.device_count() > 0):
+            super()._init_device()
+            return
+        dist.init_process_group(
+            backend="gloo",
+            rank=settings["local_rank"] + settings["offset"],
+            world_size=settings["world_size"],
+            init_method=f"tcp://{settings['ip']}:{settings['port']}",
+        )
+        settings.update(device=torch.device("cpu"), single_spec=False)
+        if settings["local_rank"] != 0:  # as RecBole does: one process logs and shows progress
+            settings.update(state="error", show_progress=False, verbose=False)
+
+
+def distributed_settings(nproc, world_size=-1, ip="localhost", port=5678, offset=0):
+    """The config keys RecBole's distributed set-up reads; ``world_size`` defaults to ``nproc``."""
+    return {
+        "nproc": nproc,
+        "world_size": world_size if world_size > 0 else nproc,
+        "ip": ip,
+        "port": port,
+        "offset": offset,
+    }
+
+
+def spawn_ranks(rank_fn, nproc, *args):
+    """Run ``rank_fn(local_rank, *args)`` in ``nproc`` fresh processes; return global rank 0's result.
+
+    ``rank_fn`` starts the process group (through the config); the group is closed here after it
+    returns. Processes on other nodes of a multi-node run (``offset > 0``) return ``None``.
+    """
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(rank_fn, args, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def _rank_main(local_rank, rank_fn, args, queue):
+    result = rank_fn(local_rank, *args)
+    is_first = dist.get_rank() == 0
+    dist.destroy_process_group()
+    if is_first:
+        queue.put(result)

@@ -1,0 +1,81 @@
+"""DDP training of ST2SI, RecBole's way, on CPU: two gloo processes on the tiny dataset."""
+
+import json
+import runpy
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from recbole_st2si.data.dataloader import ST2SITrainDataLoader
+from recbole_st2si.distributed import distributed_settings, spawn_ranks
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.quick_start import run_rank, run_recbole_st2si_distributed
+
+DATA_DIR = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def recording_rank(local_rank, record_dir, *run_rank_args):
+    """``run_rank``, recording which training samples this rank's loader was handed."""
+    seen = []
+    collate = ST2SITrainDataLoader.collate_fn
+
+    def recording_collate(loader, index):
+        seen.extend(int(i) for i in index)
+        Path(record_dir, "sample_size").write_text(str(loader.sample_size))
+        return collate(loader, index)
+
+    ST2SITrainDataLoader.collate_fn = recording_collate
+    result = run_rank(local_rank, *run_rank_args)
+    Path(record_dir, f"rank{local_rank}.json").write_text(json.dumps(seen))
+    return result
+
+
+def test_two_gloo_processes_split_the_samples_and_gather_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # the ranks' RecBole reads the argv they inherit
+    settings = {
+        "data_path": str(DATA_DIR),
+        "llm_path": "tiny-random",
+        "train_stage": "full",
+        "epochs": 1,
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp_path / "saved"),
+        **distributed_settings(nproc=2, port=free_port()),
+    }
+    result = spawn_ranks(recording_rank, 2, str(tmp_path), "ST2SI", "tiny", None, settings, True)
+
+    first, second = (set(json.loads((tmp_path / f"rank{rank}.json").read_text())) for rank in (0, 1))
+    assert first and second and not first & second
+    assert first | second == set(range(int((tmp_path / "sample_size").read_text())))
+    assert set(result["test_result"]) == {"recall@10", "ndcg@10", "mrr@10", "hit@10"}
+    assert 0 <= result["test_result"]["hit@10"] <= 1
+
+
+def test_command_line_nproc_starts_the_distributed_run(monkeypatch, capsys):
+    script = runpy.run_path(str(REPO / "run_recbole_st2si.py"))
+    calls = []
+
+    def launch(model, dataset, config_files, **options):
+        calls.append((model, dataset, config_files, options))
+        return {"best_valid_result": {"ndcg@10": 0.5}, "test_result": {"ndcg@10": 0.25}}
+
+    monkeypatch.setitem(script["main"].__globals__, "run_recbole_st2si_distributed", launch)
+    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", "--dataset=tiny", "--nproc=2", "--port=6000"])
+    script["main"]()
+    options = {"nproc": 2, "world_size": -1, "ip": "localhost", "port": "6000", "offset": 0}
+    assert calls == [("ST2SI", "tiny", None, options)]
+    assert "test result: {'ndcg@10': 0.25}" in capsys.readouterr().out
+
+
+def test_bad_input_fails_before_any_process_starts():
+    with pytest.raises(UserInputError, match="unknown model"):
+        run_recbole_st2si_distributed("NoSuchModel", "tiny", config_dict={"data_path": str(DATA_DIR)}, nproc=2)
