@@ -44,9 +44,9 @@ class QueryFeatures:
     """Cached ``[Q]`` states.
 
     ``train`` holds one block of rows per training sample, in the order of
-    :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`'s samples (users, then alignment
-    items); ``train_offsets[i]`` is where sample ``i``'s block starts. ``valid``/``test`` are
-    indexed by user id.
+    :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`'s samples (users, then every
+    item's alignment sample); ``train_offsets[i]`` is where sample ``i``'s block starts.
+    ``valid``/``test`` are indexed by user id.
     """
 
     train: torch.Tensor
@@ -147,8 +147,8 @@ def compute_query_features(model, train_data, windows: _Windows, batch_size) -> 
         if windows.has_valid[user]:
             valid[user] = states[length - 1 - int(windows.has_test[user])]
 
-    if train_data.num_alignment_samples:
-        items = torch.arange(1, train_data.num_alignment_samples + 1)
+    if model.n_items > 1:  # always cached, so runs with and without ID alignment share the file
+        items = torch.arange(1, model.n_items)
         prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
         aligned = _encode(model, prompts, torch.full_like(items, 2), batch_size, "Caching alignment [Q]")
         blocks += [states[1:] for states in aligned]
@@ -168,7 +168,7 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
     """The cached features for this exact backbone and input, computed once under a file lock."""
     logger = getLogger()
     windows = _user_windows(train_data, valid_data, test_data)
-    key = _cache_key(model, windows, _train_users(train_data), train_data.num_alignment_samples)
+    key = _cache_key(model, windows, _train_users(train_data), model.n_items - 1)
     cache_dir = Path(config["feature_cache_dir"])
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{config['dataset']}-{key}.pt"
@@ -192,7 +192,8 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
 
     def __init__(self, config, dataset, features: QueryFeatures, shuffle=True):
         self.features = features
-        self.sample_size = len(features.train_offsets) - 1
+        alignment_samples = dataset.item_num - 1
+        self.sample_size = len(features.train_offsets) - 1 - (0 if config["id_alignment"] else alignment_samples)
         super().__init__(config, dataset, None, shuffle=shuffle)
 
     def _init_batch_size_and_step(self):

@@ -64,6 +64,22 @@ def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 
+def test_runs_with_and_without_id_alignment_share_the_cache(make_config, tmp_path):
+    with_alignment = ilp_config(make_config, tmp_path)
+    model, loaders = build(with_alignment)
+    aligned = cached_dataloaders(with_alignment, model, *loaders)[0]
+    without = ilp_config(make_config, tmp_path, id_alignment=False)
+    model, loaders = build(without)
+    plain_train, cached_train = loaders[0], cached_dataloaders(without, model, *loaders)[0]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert cached_train.sample_size == plain_train.sample_size == aligned.sample_size - (plain_train.dataset.item_num - 1)
+    index = list(range(cached_train.sample_size))
+    with torch.no_grad():
+        model.eval()
+        assert torch.allclose(model.calculate_loss(cached_train.collate_fn(index)),
+                              model.calculate_loss(plain_train.collate_fn(index)), atol=1e-5)
+
+
 def build_pair(config):
     model, loaders = build(config)
     return (model, *loaders)
