@@ -110,8 +110,10 @@ def _cache_key(model, windows, train_users, num_alignment):
 
 @torch.inference_mode()
 def _encode(model, seq, seq_len, batch_size, desc):
-    """``[Q]`` states of each sequence, as a list of ``[len_i, H]`` tensors (shortest first in batches)."""
-    order = torch.argsort(seq_len)
+    """``[Q]`` states of each sequence, as a list of ``[len_i, H]`` tensors.
+
+    Batches hold sequences of similar token counts, so little compute goes to padding."""
+    order = torch.argsort(model.segment_len.cpu()[seq].sum(1))
     states = [None] * len(seq)
     for start in tqdm(range(0, len(seq), batch_size), desc=desc, ncols=100):
         rows = order[start : start + batch_size]
