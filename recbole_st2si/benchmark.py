@@ -43,7 +43,7 @@ RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that co
     "pretrain_epochs": "--s3rec_pretrain_epochs",
     "checkpoint_dir": "--output_dir",
 }
-EFFORT_COLUMNS = ("train_time_s", "epochs")
+EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epochs")
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
 LOG_TAIL_LINES = 40
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -394,12 +394,18 @@ def format_cell(row, column, digits):
 
 
 def markdown_table(rows, columns):
-    header = [*(display_name(column) for column in columns), "train time (s)", "epochs", "params (trainable / total)"]
+    header = [
+        *(display_name(column) for column in columns),
+        "train time (s)",
+        "total time (s)",
+        "epochs",
+        "params (trainable / total)",
+    ]
     lines = ["| model | " + " | ".join(header) + " | seeds | status |", "|---" * (len(header) + 3) + "|"]
     for row in rows:
         params = f"{row['params_trainable']:,} / {row['params_total']:,}" if row["params_total"] is not None else "–"
         cells = [format_cell(row, column, 4) for column in columns]
-        cells += [format_cell(row, "train_time_s", 0), format_cell(row, "epochs", 1), params]
+        cells += [format_cell(row, "train_time_s", 0), format_cell(row, "total_time_s", 0), format_cell(row, "epochs", 1), params]
         status = row["status"] + (f" ({row['failed_logs']})" if row["failed_logs"] else "")
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['seeds']} | {status} |")
     return "\n".join(lines)

@@ -148,6 +148,7 @@ def fake_run(variant, seed, ndcg, status="ok", **evaluation):
         "best_valid_score": ndcg,
         "valid_score_bigger": True,
         "train_time_s": 10.0 * seed,
+        "total_time_s": 20.0 * seed,
         "epochs": seed,
         "params_trainable": 100,
         "params_total": 1000,
@@ -181,7 +182,7 @@ def test_aggregation_into_table_csv_and_configs(tmp_path):
     assert rows[0]["seeds_ok"] == 2
 
     readme = (tmp_path / "README.md").read_text()
-    sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 1.5 ± 0.7 |"
+    sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 30 ± 14 | 1.5 ± 0.7 |"
     assert sasrec in readme
     assert "| BERT4Rec | – | – |" in readme and "partly failed (runs/GRU4Rec-seed2.log)" in readme
     # the configuration kept is the seed with the best validation score
