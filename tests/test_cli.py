@@ -1,5 +1,6 @@
 """The command line end to end, backbone loading, and what users see for bad input."""
 
+import ast
 import logging
 import re
 import subprocess
@@ -26,7 +27,7 @@ def run_cli(*args, cwd):
 def parse_test_results(output):
     match = re.search(r"^test result: (\{.*\})$", output, re.MULTILINE)
     assert match, output[-2000:]
-    return eval(match.group(1))  # a dict of floats printed by the CLI
+    return ast.literal_eval(match.group(1))  # a dict of floats printed by the CLI
 
 
 @pytest.mark.parametrize(
