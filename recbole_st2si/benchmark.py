@@ -439,7 +439,10 @@ def library_versions():
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    try:  # a copy without git (or without its history) just has no commit to report
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    except OSError:
+        return versions
     if commit.returncode == 0:
         versions["recbole-st2si commit"] = commit.stdout.strip()
     return versions

@@ -198,3 +198,12 @@ def test_comparability_check_names_the_differing_setting():
     expected = r'eval_mode: null \(SASRec-seed1\) vs "uni19" \(GRU4Rec-seed1\)'
     with pytest.raises(benchmark.ComparabilityError, match=expected):
         benchmark.check_comparable(different)
+
+
+def test_versions_are_reported_without_git(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", no_git)
+    versions = benchmark.library_versions()
+    assert versions["recbole"] == "1.2.1" and "recbole-st2si commit" not in versions
