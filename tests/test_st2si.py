@@ -38,7 +38,8 @@ def test_assembly_interleaves_item_texts_and_queries(make_config):
     assert input_ids.shape == (2, len(first))
     assert input_ids[0].tolist() == first
     assert input_ids[1, attention_mask[1].bool()].tolist() == second
-    assert attention_mask[1].tolist() == [0] * (len(first) - len(second)) + [1] * len(second)  # left padding
+    # right padding: under the causal mask no query row is left without a visible key (NaN on CUDA)
+    assert attention_mask[1].tolist() == [1] * len(second) + [0] * (len(first) - len(second))
     assert position_ids[1, attention_mask[1].bool()].tolist() == list(range(len(second)))
     assert (input_ids[0, query_pos[0, :3]] == q).all() and input_ids[1, query_pos[1, 0]] == q
     assert kept.tolist() == [[True, True, True, False], [True, False, False, False]]
@@ -158,6 +159,27 @@ def test_training_steps_lower_the_loss(make_config):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_backbone_gradients_stay_finite_where_attention_kernels_give_nan_for_blind_rows(make_config, monkeypatch):
+    """CUDA's fused attention kernels return NaN for a query row that may attend to no key (CPU
+    returns zeros); such NaNs, even where no loss reads them, turn the weight gradients into NaN."""
+    sdpa = F.scaled_dot_product_attention
+
+    def cuda_like_sdpa(query, key, value, attn_mask=None, **kwargs):
+        output = sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            blind = ~attn_mask.any(-1, keepdim=True)  # [B, 1, Q, 1]
+            output = output.masked_fill(blind, float("nan"))
+        return output
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_like_sdpa)
+    model, train_data, _, _ = build(make_config(train_window="full"))
+    batch = train_data.collate_fn(list(range(train_data.sample_size)))  # histories of many lengths
+    assert len(set(batch["item_length"].tolist())) > 1
+    model.calculate_loss(batch).backward()
+    gradients = [parameter.grad for parameter in model.backbone.parameters()]
+    assert all(gradient is not None and torch.isfinite(gradient).all() for gradient in gradients)
 
 
 def test_ilp_stage_trains_only_the_projection(make_config):

@@ -143,7 +143,13 @@ class ST2SI(SequentialRecommender):
 
     # ------------------------------------------------------------------ token assembly
     def assemble_inputs(self, item_seq, item_seq_len):
-        """Write each history as left-padded ``T1 [Q] ... Tn [Q]`` token ids, with tensor ops only.
+        """Write each history as right-padded ``T1 [Q] ... Tn [Q]`` token ids, with tensor ops only.
+
+        Right, not left, padding: under the causal mask every padding position then still sees the
+        real tokens before it. A left-padded query row sees nothing at all, which CUDA attention
+        kernels answer with NaN; the NaN never reaches a ``[Q]`` state, but in the backward pass
+        NaN x 0 gradients turn every backbone weight into NaN. For the real tokens both layouts are
+        the same computation (same positions, same visible keys).
 
         ``item_seq`` is RecBole's ``[B, L]`` left-aligned, zero-padded item list. The oldest items are
         dropped until the tokens fit ``max_seq_tokens``.
@@ -163,19 +169,19 @@ class ST2SI(SequentialRecommender):
         seg_end = seg_len.cumsum(1)
         total = seg_end[:, -1]
         width = int(total.max())
-        left_pad = width - total
 
         segment_tokens = self.segment_tokens[item_seq]  # [B, L, T]
         offsets = torch.arange(segment_tokens.shape[2], device=device)
         in_segment = offsets < seg_len[..., None]
-        dest = (left_pad[:, None] + seg_end - seg_len)[..., None] + offsets
+        dest = (seg_end - seg_len)[..., None] + offsets
         rows = torch.arange(batch, device=device)[:, None, None].expand_as(dest)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
         input_ids[rows[in_segment], dest[in_segment]] = segment_tokens[in_segment]
 
-        attention_mask = torch.arange(width, device=device) >= left_pad[:, None]
-        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        query_pos = left_pad[:, None] + seg_end - 1
+        positions = torch.arange(width, device=device)
+        attention_mask = positions < total[:, None]
+        position_ids = positions.expand(batch, -1)
+        query_pos = seg_end - 1
         return input_ids, attention_mask.long(), position_ids, query_pos, kept
 
     def query_states(self, item_seq, item_seq_len):
