@@ -362,6 +362,7 @@ def summarize(variant_name, records, columns):
         row[f"{column}_mean"], row[f"{column}_std"] = mean_std([value_of(record, column) for record in finished])
     row["params_trainable"] = finished[0]["params_trainable"] if finished else None
     row["params_total"] = finished[0]["params_total"] if finished else None
+    row["device"] = " ".join(sorted({record["device"] for record in finished}))  # runs may come from several machines
     row["failed_logs"] = " ".join(f"runs/{record['log']}" for record in records if record["status"] != "ok")
     return row
 
@@ -375,7 +376,7 @@ def group_by_variant(records):
 
 def csv_columns(columns):
     stats = [f"{column}_{stat}" for column in (*columns, *EFFORT_COLUMNS) for stat in ("mean", "std")]
-    return ["model", "status", "seeds", "seeds_ok", *stats, "params_trainable", "params_total", "failed_logs"]
+    return ["model", "status", "seeds", "seeds_ok", *stats, "params_trainable", "params_total", "device", "failed_logs"]
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -400,12 +401,14 @@ def markdown_table(rows, columns):
         "total time (s)",
         "epochs",
         "params (trainable / total)",
+        "device",
     ]
     lines = ["| model | " + " | ".join(header) + " | seeds | status |", "|---" * (len(header) + 3) + "|"]
     for row in rows:
         params = f"{row['params_trainable']:,} / {row['params_total']:,}" if row["params_total"] is not None else "–"
         cells = [format_cell(row, column, 4) for column in columns]
         cells += [format_cell(row, "train_time_s", 0), format_cell(row, "total_time_s", 0), format_cell(row, "epochs", 1), params]
+        cells.append(row["device"] or "–")
         status = row["status"] + (f" ({row['failed_logs']})" if row["failed_logs"] else "")
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['seeds']} | {status} |")
     return "\n".join(lines)
@@ -468,7 +471,8 @@ def readme_text(rows, records, protocol, command, dataset):
         + ", ".join(f"{key}={json.dumps(value)}" for key, value in evaluation.items()),
         "",
         "Test results, mean ± sample standard deviation over the seeds. Train time: seconds in training and",
-        "validation (S3Rec: pre-training included); epochs: training epochs run (early stopping on the valid metric).",
+        "validation (S3Rec: pre-training included); epochs: training epochs run (early stopping on the valid metric);",
+        "device: where the runs trained (see hardware above); compare times only between runs on one device.",
         "",
         markdown_table(rows, protocol.columns),
         "",

@@ -155,6 +155,7 @@ def fake_run(variant, seed, ndcg, status="ok", **evaluation):
         "evaluation": {"topk": [10], "users": 31, **evaluation},
         "config": {"seed": seed, "ndcg": ndcg},
         "hardware": "CPU: test",
+        "device": "cuda" if variant == "SASRec" and seed == 2 else "cpu",
     }
 
 
@@ -183,6 +184,7 @@ def test_aggregation_into_table_csv_and_configs(tmp_path):
 
     readme = (tmp_path / "README.md").read_text()
     sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 30 ± 14 | 1.5 ± 0.7 |"
+    assert table["SASRec"]["device"] == "cpu cuda" and table["GRU4Rec"]["device"] == "cpu"
     assert sasrec in readme
     assert "| BERT4Rec | – | – |" in readme and "partly failed (runs/GRU4Rec-seed2.log)" in readme
     # the configuration kept is the seed with the best validation score
