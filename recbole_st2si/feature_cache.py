@@ -13,7 +13,10 @@ Histories that fit the window give exactly the uncached path's inputs (tested). 
 than the window differs slightly: the validation state then sees the window up to the validation
 item (one item fewer than RecBole's validation input) and training transitions older than the
 window are not used. Random-window augmentation does not apply either: with a causal backbone the
-full-window states already contain every prefix's state.
+full-window states already contain every prefix's state. Without multi-query (``multi_query:
+False``) a sample trains on one transition, like the uncached path's last ``[Q]``: the window's
+last, or with ``train_window: random`` one drawn at random each time (the random target; its state
+sees the whole window before it rather than a random start).
 
 The features are stored on disk under a key that hashes the backbone's weights and every model
 input (item tokens, windows, prompt, truncation), so a second run or a tuning trial reuses them
@@ -190,10 +193,13 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
 class CachedQueryTrainDataLoader(AbstractDataLoader):
     """Batches of cached ``[Q]`` states: the same samples (users and alignment items) per batch
     as :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`, with every transition of a
-    sample in the batch."""
+    sample in the batch (one without multi-query)."""
 
     def __init__(self, config, dataset, features: QueryFeatures, shuffle=True):
         self.features = features
+        self.one_transition_per_sample = not config["multi_query"]
+        self.random_transition = config["train_window"] == "random"
+        self.transition_generator = torch.Generator().manual_seed(config["seed"])
         alignment_samples = dataset.item_num - 1
         self.sample_size = len(features.train_offsets) - 1 - (0 if config["id_alignment"] else alignment_samples)
         super().__init__(config, dataset, None, shuffle=shuffle)
@@ -206,7 +212,13 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
         index = torch.as_tensor(index, dtype=torch.long)
         starts, ends = self.features.train_offsets[index], self.features.train_offsets[index + 1]
         sizes = ends - starts
-        rows = torch.repeat_interleave(starts - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
+        if self.one_transition_per_sample:
+            if self.random_transition:
+                rows = starts + (torch.rand(len(index), generator=self.transition_generator) * sizes).long()
+            else:
+                rows = ends - 1
+        else:
+            rows = torch.repeat_interleave(starts - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
         return Interaction(
             {QUERY_FEATURE: self.features.train[rows], self._dataset.iid_field: self.features.train_targets[rows]}
         )
@@ -229,9 +241,6 @@ class CachedQueryEvalDataLoader(FullSortEvalDataLoader):
 def uses_feature_cache(config, valid_data, test_data):
     """ILP tuning reads cached states when asked to and when the evaluation ranks all items."""
     if config["model"] != "ST2SI" or config["train_stage"] != "ilp" or not config["feature_cache"]:
-        return False
-    if not config["multi_query"]:
-        getLogger().warning("feature cache: it holds every [Q]'s state; multi_query=False runs the frozen backbone instead")
         return False
     if isinstance(valid_data, FullSortEvalDataLoader) and isinstance(test_data, FullSortEvalDataLoader):
         return True

@@ -7,6 +7,7 @@ from recbole.utils import init_seed
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import cached_dataloaders
 from recbole_st2si.model import ST2SI
+from recbole_st2si.model.st2si import QUERY_FEATURE
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_dataset, data_preparation
 
@@ -30,8 +31,9 @@ def ilp_config(make_config, tmp_path, **overrides):
     return make_config(**ilp_settings(tmp_path, **overrides))
 
 
-def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path):
-    config = ilp_config(make_config, tmp_path)
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path, multi_query):
+    config = ilp_config(make_config, tmp_path, multi_query=multi_query)
     model, (train_data, valid_data, test_data) = build(config)
     cached_train, cached_valid, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
     model.eval()
@@ -78,6 +80,19 @@ def test_runs_with_and_without_id_alignment_share_the_cache(make_config, tmp_pat
         model.eval()
         assert torch.allclose(model.calculate_loss(cached_train.collate_fn(index)),
                               model.calculate_loss(plain_train.collate_fn(index)), atol=1e-5)
+
+
+def test_without_multi_query_random_windows_train_one_random_transition_per_sample(make_config, tmp_path):
+    config = ilp_config(make_config, tmp_path, multi_query=False, train_window="random")
+    model, loaders = build(config)
+    cached_train = cached_dataloaders(config, model, *loaders)[0]
+    features, index = cached_train.features, list(range(cached_train.sample_size))
+    features.train = torch.arange(len(features.train), dtype=torch.float)[:, None]  # each state names its row
+    draws = [cached_train.collate_fn(index)[QUERY_FEATURE].long().flatten() for _ in range(2)]
+    starts, ends = features.train_offsets[:-1], features.train_offsets[1:]
+    for rows in draws:
+        assert ((starts <= rows) & (rows < ends)).all()  # one transition of each sample
+    assert not torch.equal(draws[0], draws[1]) and (draws[0] < ends - 1).any()  # not always the last
 
 
 def build_pair(config):
