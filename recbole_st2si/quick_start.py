@@ -115,7 +115,9 @@ def run_recbole_st2si_distributed(
     Returns:
         dict: the result of global rank 0 (``None`` on the other machines).
     """
-    create_config(model, dataset, config_file_list, config_dict)  # bad input fails here, not in every rank
+    # Bad input fails here, not in every rank; several domains are merged here once, so that no rank
+    # builds a second config (and process group) for the merged dataset.
+    dataset = create_config(model, dataset, config_file_list, config_dict)["dataset"]
     settings = {**(config_dict or {}), **distributed_settings(nproc, world_size, ip, port, offset)}
     return spawn_ranks(run_rank, nproc, model, dataset, config_file_list, settings, saved)
 

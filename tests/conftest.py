@@ -64,3 +64,17 @@ def make_config(settings):
         return create_config(model, dataset, config_dict=settings(**overrides))
 
     return build
+
+
+def write_domains(folder, *names):
+    """Prepared domains under ``folder``, each a copy of the tiny dataset (its ids collide on purpose)."""
+    source = DATA_DIR / "tiny"
+    item_lines = (source / "tiny.item").read_text().splitlines()
+    for name in names:
+        domain = folder / name
+        domain.mkdir()
+        domain.joinpath(f"{name}.item").write_text(
+            "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\n"
+            + "".join(f"{line}\t\n" for line in item_lines[1:])
+        )
+        domain.joinpath(f"{name}.inter").write_text((source / "tiny.inter").read_text())

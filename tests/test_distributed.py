@@ -11,7 +11,10 @@ import pytest
 from recbole_st2si.data.dataloader import ST2SITrainDataLoader
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
+from recbole_st2si import quick_start
 from recbole_st2si.quick_start import run_rank, run_recbole_st2si_distributed
+
+from .conftest import write_domains
 
 DATA_DIR = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
@@ -79,3 +82,12 @@ def test_command_line_nproc_starts_the_distributed_run(monkeypatch, capsys):
 def test_bad_input_fails_before_any_process_starts():
     with pytest.raises(UserInputError, match="unknown model"):
         run_recbole_st2si_distributed("NoSuchModel", "tiny", config_dict={"data_path": str(DATA_DIR)}, nproc=2)
+
+
+def test_domains_are_merged_once_before_the_ranks_start(tmp_path, tiny_backbone_dir, monkeypatch):
+    write_domains(tmp_path, "Alpha", "Beta")
+    started = []
+    monkeypatch.setattr(quick_start, "spawn_ranks", lambda rank_fn, nproc, *args: started.append(args))
+    settings = {"data_path": str(tmp_path), "llm_path": str(tiny_backbone_dir)}
+    run_recbole_st2si_distributed("ST2SI", "Alpha,Beta", config_dict=settings, nproc=2)
+    assert started[0][1] == "Alpha+Beta" and (tmp_path / "Alpha+Beta" / "Alpha+Beta.inter").is_file()

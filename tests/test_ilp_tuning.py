@@ -11,7 +11,7 @@ from recbole_st2si.model.st2si import QUERY_FEATURE
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_dataset, data_preparation
 
-from .conftest import DATA_DIR
+from .conftest import DATA_DIR, write_domains
 
 
 def build(config):
@@ -154,16 +154,7 @@ def test_lora_trains_adapters_and_ilp_only(make_config):
 
 
 def test_several_domains_are_merged_for_pretraining(make_config, tmp_path):
-    for domain in ("Alpha", "Beta"):
-        folder = tmp_path / domain
-        folder.mkdir()
-        source = DATA_DIR / "tiny"
-        item_lines = (source / "tiny.item").read_text().splitlines()
-        folder.joinpath(f"{domain}.item").write_text(
-            "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\n"
-            + "".join(f"{line}\t\n" for line in item_lines[1:])
-        )
-        folder.joinpath(f"{domain}.inter").write_text((source / "tiny.inter").read_text())
+    write_domains(tmp_path, "Alpha", "Beta")
     config = make_config(dataset="Alpha,Beta", data_path=str(tmp_path))
     assert config["dataset"] == "Alpha+Beta"
     dataset = create_dataset(config)
