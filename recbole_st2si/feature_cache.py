@@ -128,8 +128,9 @@ def _encode(model, seq, seq_len, batch_size, desc):
     return states
 
 
-def compute_query_features(model, train_data, windows: _Windows, batch_size) -> QueryFeatures:
-    """Run the frozen backbone once over every window and alignment prompt."""
+def compute_query_features(model, train_users, windows: _Windows, batch_size) -> QueryFeatures:
+    """Run the frozen backbone once over every window and alignment prompt; ``train_users`` in the
+    order of the training loader's user samples."""
     model.eval()
     users = torch.nonzero(windows.seq_len).squeeze(1)
     encoded = _encode(model, windows.seq[users], windows.seq_len[users], batch_size, "Caching [Q] states")
@@ -139,7 +140,7 @@ def compute_query_features(model, train_data, windows: _Windows, batch_size) -> 
     test = torch.zeros(windows.seq.shape[0], hidden)
 
     blocks, targets = [], []
-    for user in _train_users(train_data).tolist():
+    for user in train_users.tolist():
         states, length = per_user[user], int(windows.seq_len[user])
         held_out = int(windows.has_valid[user]) + int(windows.has_test[user])
         next_items = torch.cat([windows.seq[user, 1:length], windows.target[user : user + 1]])
@@ -173,7 +174,8 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
     """The cached features for this exact backbone and input, computed once under a file lock."""
     logger = getLogger()
     windows = _user_windows(train_data, valid_data, test_data)
-    key = _cache_key(model, windows, _train_users(train_data), model.n_items - 1)
+    train_users = _train_users(train_data)
+    key = _cache_key(model, windows, train_users, model.n_items - 1)
     cache_dir = Path(config["feature_cache_dir"])
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{config['dataset']}-{key}.pt"
@@ -182,7 +184,7 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
         if path.is_file():
             logger.info(set_color("feature cache", "green") + f": reusing {path}")
             return QueryFeatures(**torch.load(path, weights_only=True))
-        features = compute_query_features(model, train_data, windows, config["feature_batch_size"])
+        features = compute_query_features(model, train_users, windows, config["feature_batch_size"])
         temporary = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(features.__dict__, temporary)
         os.replace(temporary, path)
