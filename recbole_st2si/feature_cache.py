@@ -214,13 +214,12 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
         index = torch.as_tensor(index, dtype=torch.long)
         starts, ends = self.features.train_offsets[index], self.features.train_offsets[index + 1]
         sizes = ends - starts
-        if self.one_transition_per_sample:
-            if self.random_transition:
-                rows = starts + (torch.rand(len(index), generator=self.transition_generator) * sizes).long()
-            else:
-                rows = ends - 1
-        else:
+        if not self.one_transition_per_sample:
             rows = torch.repeat_interleave(starts - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
+        elif self.random_transition:
+            rows = starts + (torch.rand(len(index), generator=self.transition_generator) * sizes).long()
+        else:
+            rows = ends - 1
         return Interaction(
             {QUERY_FEATURE: self.features.train[rows], self._dataset.iid_field: self.features.train_targets[rows]}
         )
