@@ -31,7 +31,7 @@ from logging import getLogger
 from pathlib import Path
 
 import torch
-from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
 from recbole.utils import set_color
@@ -225,34 +225,42 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
         )
 
 
-class CachedQueryEvalDataLoader(FullSortEvalDataLoader):
-    """RecBole's full-sort evaluation, with each user's cached ``[Q]`` state added to the batch."""
+class _CachedQueryFeatureMixin:
+    """Adds each row's user's cached ``[Q]`` state to the batches of a RecBole evaluation loader."""
 
     def __init__(self, config, dataset, sampler, features_by_user):
         self.features_by_user = features_by_user
         super().__init__(config, dataset, sampler, shuffle=False)
 
     def collate_fn(self, index):
-        interaction, history_index, positive_u, positive_i = super().collate_fn(index)
-        users = interaction[self.uid_field]
+        interaction, *positions = super().collate_fn(index)
+        users = interaction[self._dataset.uid_field]
         interaction.update(Interaction({QUERY_FEATURE: self.features_by_user[users]}))
-        return interaction, history_index, positive_u, positive_i
+        return (interaction, *positions)
 
 
-def uses_feature_cache(config, valid_data, test_data):
-    """ILP tuning reads cached states when asked to and when the evaluation ranks all items."""
-    if config["model"] != "ST2SI" or config["train_stage"] != "ilp" or not config["feature_cache"]:
-        return False
-    if isinstance(valid_data, FullSortEvalDataLoader) and isinstance(test_data, FullSortEvalDataLoader):
-        return True
-    getLogger().warning("feature cache: only full-ranking evaluation is cached; running the frozen backbone instead")
-    return False
+class CachedQueryEvalDataLoader(_CachedQueryFeatureMixin, FullSortEvalDataLoader):
+    """RecBole's full-sort evaluation, with each user's cached ``[Q]`` state added to the batch."""
+
+
+class CachedQueryNegSampleEvalDataLoader(_CachedQueryFeatureMixin, NegSampleEvalDataLoader):
+    """RecBole's sampled evaluation (e.g. ``uni19``): every candidate row carries its user's cached state."""
+
+
+def uses_feature_cache(config):
+    """ILP tuning reads cached states when asked to."""
+    return config["model"] == "ST2SI" and config["train_stage"] == "ilp" and bool(config["feature_cache"])
+
+
+def _cached_eval_loader(config, loader, features_by_user):
+    """The cached twin of a RecBole evaluation loader: same protocol, same sampler."""
+    if isinstance(loader, FullSortEvalDataLoader):
+        return CachedQueryEvalDataLoader(config, loader.dataset, loader._sampler, features_by_user)
+    return CachedQueryNegSampleEvalDataLoader(config, loader.dataset, loader._sampler, features_by_user)
 
 
 def cached_dataloaders(config, model, train_data, valid_data, test_data):
     """Replace the three dataloaders by ones that serve cached ``[Q]`` states to the ILP."""
     features = load_or_compute(config, model, train_data, valid_data, test_data)
     train = CachedQueryTrainDataLoader(config, train_data.dataset, features, shuffle=config["shuffle"])
-    valid = CachedQueryEvalDataLoader(config, valid_data.dataset, valid_data._sampler, features.valid)
-    test = CachedQueryEvalDataLoader(config, test_data.dataset, test_data._sampler, features.test)
-    return train, valid, test
+    return train, _cached_eval_loader(config, valid_data, features.valid), _cached_eval_loader(config, test_data, features.test)

@@ -42,7 +42,7 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
-    if uses_feature_cache(config, valid_data, test_data):
+    if uses_feature_cache(config):
         train_data, valid_data, test_data = cached_dataloaders(config, model, train_data, valid_data, test_data)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
 from recbole_st2si.errors import UserInputError
@@ -47,6 +48,21 @@ def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path
                 assert torch.allclose(
                     model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
                 )
+
+
+def test_cached_features_serve_the_sampled_uni19_evaluation(make_config, tmp_path):
+    probe = ilp_config(make_config, tmp_path)
+    uni19 = {**probe["eval_args"], "mode": {"valid": "uni19", "test": "uni19"}}
+    config = ilp_config(make_config, tmp_path, eval_args=uni19)
+    model, loaders = build(config)
+    cached_valid, cached_test = cached_dataloaders(config, model, *loaders)[1:]
+    model.eval()
+    with torch.no_grad():
+        for loader in (cached_valid, cached_test):
+            for interaction, row_user, positive_u, _ in loader:
+                assert len(row_user) == 20 * len(positive_u)  # the target and 19 negatives per user
+                plain = Interaction({k: v for k, v in interaction.interaction.items() if k != QUERY_FEATURE})
+                assert torch.allclose(model.predict(interaction), model.predict(plain), atol=1e-4)
 
 
 def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp_path):
