@@ -269,14 +269,18 @@ def run_or_reuse(request, results_dir, rerun, keep_checkpoints):
     if not rerun and previous and previous.get("status") == "ok" and previous.get("request") == request:
         print(f"{run_name(request)}: finished before, skipped (--rerun runs it again)", flush=True)
         return previous
-    return launch(request, results_dir, result_file, keep_checkpoints)
+    checkpoint_dir = results_dir / "saved" / run_name(request)
+    if rerun:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a rerun starts over, S3Rec pre-training included
+    return launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints)
 
 
-def launch(request, results_dir, result_file, keep_checkpoints):
-    """Run the worker in a subprocess with a clean command line; a crash becomes a failed record."""
+def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints):
+    """Run the worker in a subprocess with a clean command line; a crash becomes a failed record.
+
+    The checkpoints of a failed run stay, so that its finished S3Rec pre-training is reused."""
     name = run_name(request)
     log_file = results_dir / "runs" / f"{name}.log"
-    checkpoint_dir = results_dir / "saved" / name
     result_file.unlink(missing_ok=True)
     spec = {"request": request, "result_file": str(result_file), "checkpoint_dir": str(checkpoint_dir)}
     print(f"{name}: running (log: {log_file})", flush=True)
@@ -288,9 +292,9 @@ def launch(request, results_dir, result_file, keep_checkpoints):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    if not keep_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     record = read_json(result_file) if completed.returncode == 0 else None
+    if record is not None and not keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if record is None:
         record = failure_record(request, completed.returncode, log_file)
         write_json(record, result_file)

@@ -30,6 +30,7 @@ EVALUATION_KEYS = (
     "test_neg_sample_args",
 )
 TRAINING_KEYS = ("epochs", "stopping_step", "eval_step", "learning_rate", "train_batch_size", "seed")
+PRETRAINED_MARKER = "pretrained.json"
 MACHINE_KEYS = {
     "checkpoint_dir",
     "data_path",
@@ -56,13 +57,23 @@ def protocol_settings(request):
     return settings
 
 
-def pretrain_s3rec(request, settings):
+def pretrain_s3rec(request, settings, checkpoint_dir):
     """S3Rec's self-supervised pre-training, which fine-tuning starts from (RecBole runs the two
-    stages as two separate runs); returns the checkpoint and the stage's epochs and time."""
+    stages as two separate runs); returns the checkpoint and the stage's epochs and time.
+
+    The stage is recorded next to its checkpoint, so a run that stops during fine-tuning (a crash,
+    an interruption) reuses it when started again with the same request: on a CPU it takes hours.
+    """
+    marker = Path(checkpoint_dir) / PRETRAINED_MARKER
+    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    if previous and previous["request"] == request and Path(previous["checkpoint"]).is_file():
+        print(f"S3Rec pre-training: reusing {previous['checkpoint']}", flush=True)
+        return previous["checkpoint"], previous["stats"]
     pretrain = {**settings, "train_stage": "pretrain"}
     result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], pretrain, saved=False)
     trainer = result["trainer"]
     stats = {"pretrain_epochs": len(trainer.train_loss_dict), "pretrain_time_s": result["train_time_s"]}
+    write_json({"request": request, "checkpoint": trainer.saved_model_file, "stats": stats}, marker)
     return trainer.saved_model_file, stats
 
 
@@ -112,7 +123,7 @@ def run(spec):
     if request["model"] == "S3Rec":
         epochs = request["s3rec_pretrain_epochs"]
         settings.update(pretrain_epochs=epochs, save_step=epochs)  # one checkpoint: the last epoch's
-        pre_model_path, pretraining = pretrain_s3rec(request, settings)
+        pre_model_path, pretraining = pretrain_s3rec(request, settings, spec["checkpoint_dir"])
         settings.update(train_stage="finetune", pre_model_path=pre_model_path)
     result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], settings)
     record = {

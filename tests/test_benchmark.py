@@ -90,6 +90,19 @@ def test_second_invocation_skips_finished_runs(first_run, common, capsys):
     assert [row["model"] for row in read_csv(results / "results.csv")] == ["ST2SI-ilp", "S3Rec"]
 
 
+def test_s3rec_pretraining_is_reused_by_a_run_that_did_not_finish(common, tmp_path):
+    argv = [*common, "--models=S3Rec", f"--output_dir={tmp_path}", "--keep_checkpoints", *SMALL_S3REC]
+    runs = tmp_path / "tiny" / "runs"
+    assert benchmark.main(argv) == 0
+    first = json.loads((runs / "S3Rec-seed2020.json").read_text())
+    (runs / "S3Rec-seed2020.json").unlink()  # as if fine-tuning had been interrupted
+    assert benchmark.main(argv) == 0
+    assert "S3Rec pre-training: reusing" in (runs / "S3Rec-seed2020.log").read_text()
+    assert json.loads((runs / "S3Rec-seed2020.json").read_text())["pretrain_time_s"] == first["pretrain_time_s"]
+    assert benchmark.main([*argv, "--rerun"]) == 0
+    assert "reusing" not in (runs / "S3Rec-seed2020.log").read_text()
+
+
 def test_mismatched_evaluation_is_caught(first_run, common, tmp_path, capsys):
     _, results = first_run
     shutil.copytree(results / "runs", tmp_path / "tiny" / "runs")
