@@ -104,7 +104,8 @@ def build_parser():
     parser.add_argument(
         "--models", default=None, help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; ST2SI with --ablation)"
     )
-    parser.add_argument("--seeds", default="2020", help="comma-separated seeds; several give mean and std")
+    parser.add_argument("--seeds", default="2020", help="comma-separated seeds; several give mean and std "
+                        "(--Model.seeds=... for one model)")
     parser.add_argument("--config_files", default="", help="YAML files for every model, separated by spaces or commas")
     parser.add_argument(
         "--output_dir", default="results", help="results go to <output_dir>/<dataset>[-uni19][-ablation]"
@@ -155,14 +156,23 @@ def parse_models(text, ablation):
     return models
 
 
-def parse_seeds(text):
+def parse_seeds(text, option="--seeds"):
     try:
         seeds = [int(seed) for seed in split_list(text)]
     except ValueError:
-        raise UserInputError(f"--seeds must be integers separated by commas, got {text!r}") from None
+        raise UserInputError(f"{option} must be integers separated by commas, got {text!r}") from None
     if not seeds:
-        raise UserInputError("--seeds is empty")
+        raise UserInputError(f"{option} is empty")
     return list(dict.fromkeys(seeds))
+
+
+def scoped_seeds(overrides):
+    """``--Scope.seeds=...``, taken out of the settings: a costly model can run fewer seeds."""
+    return {
+        scope: parse_seeds(settings.pop("seeds"), f"--{scope}.seeds")
+        for scope, settings in overrides.items()
+        if scope and "seeds" in settings
+    }
 
 
 def parse_stages(text):
@@ -551,6 +561,7 @@ def make_plan(argv):
     models = parse_models(args.models, args.ablation)
     stages = parse_stages(args.st2si_stages) if "ST2SI" in models else []
     seeds = parse_seeds(args.seeds)
+    seeds_by_scope = scoped_seeds(overrides)
     config_files = parse_config_files(args.config_files)
     if args.s3rec_pretrain_epochs < 1:
         raise UserInputError("--s3rec_pretrain_epochs must be at least 1")
@@ -560,7 +571,9 @@ def make_plan(argv):
     results_dir = Path(args.output_dir) / f"{args.dataset}{protocol.suffix}{'-ablation' if args.ablation else ''}"
     prepare_output(results_dir)
     requests = [
-        build_request(variant, seed, args, protocol, overrides, config_files) for variant in variants for seed in seeds
+        build_request(variant, seed, args, protocol, overrides, config_files)
+        for variant in variants
+        for seed in seeds_by_scope.get(variant.name, seeds_by_scope.get(variant.model, seeds))
     ]
     return args, protocol, results_dir, requests
 

@@ -149,6 +149,17 @@ def test_ablation_and_stages_plan_one_row_per_variant():
     assert variants[4].settings == {"train_stage": "full"}
 
 
+def test_a_model_can_run_its_own_seeds(tmp_path):
+    argv = ["--models=ST2SI,GRU4Rec", "--st2si_stages=ilp", "--seeds=1,2,3", "--GRU4Rec.seeds=7", f"--output_dir={tmp_path}"]
+    requests = benchmark.make_plan(argv)[3]
+    assert [(request["variant"], request["seed"]) for request in requests] == [
+        ("ST2SI-ilp", 1), ("ST2SI-ilp", 2), ("ST2SI-ilp", 3), ("GRU4Rec", 7)
+    ]
+    assert all("seeds" not in request["config_dict"] for request in requests)
+    with pytest.raises(benchmark.UserInputError, match="--GRU4Rec.seeds must be integers"):
+        benchmark.make_plan([*argv, "--GRU4Rec.seeds=x"])
+
+
 def fake_run(variant, seed, ndcg, status="ok", **evaluation):
     """A run record as the worker writes it, with only what the report reads."""
     request = {"variant": variant, "seed": seed}
