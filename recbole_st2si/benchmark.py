@@ -471,9 +471,11 @@ def readme_text(rows, records, protocol, command, dataset):
     hardware = sorted({record["hardware"] for record in finished}) or [hardware_summary()]
     versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
     if protocol.eval_mode == "full":
-        mode = "every item ranked"
+        mode, candidates = "every item ranked", []
     else:
         mode = f"the target among {protocol.eval_mode[3:]} sampled negatives"
+        candidates = ["Negatives are drawn by RecBole's sampler with each run's seed, so the spread over seeds",
+                      "includes the spread over candidate sets.", ""]
     lines = [
         f"# Benchmark on {dataset}: {mode}",
         "",
@@ -488,6 +490,7 @@ def readme_text(rows, records, protocol, command, dataset):
         "validation (S3Rec: pre-training included); epochs: training epochs run (early stopping on the valid metric);",
         "device: where the runs trained (see hardware above); compare times only between runs on one device.",
         "",
+        *candidates,
         markdown_table(rows, protocol.columns),
         "",
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",

@@ -217,6 +217,18 @@ def test_aggregation_into_table_csv_and_configs(tmp_path):
     assert (tmp_path / "ndcg_recall.png").is_file()
 
 
+def test_uni19_report_shows_hit_at_1_with_its_spread_over_seeds(tmp_path):
+    records = [fake_run("ST2SI-ilp", seed, 0.5) for seed in (1, 2)]
+    for record, hit in zip(records, (0.25, 0.35)):
+        record["test_result"].update({"hit@1": hit, "hit@5": 0.7, "ndcg@5": 0.5})
+    benchmark.write_report(tmp_path, records, benchmark.PROTOCOLS["uni19"], "python -m recbole_st2si.benchmark", "tiny")
+    row = read_csv(tmp_path / "results.csv")[0]
+    assert float(row["hit@1_mean"]) == pytest.approx(0.3) and float(row["hit@1_std"]) == pytest.approx(0.070711, abs=1e-6)
+    readme = (tmp_path / "README.md").read_text()
+    assert "the target among 19 sampled negatives" in readme and "| ST2SI-ilp | 0.3000 ± 0.0707 |" in readme
+    assert (tmp_path / "hit1_ndcg.png").is_file()
+
+
 def test_comparability_check_names_the_differing_setting():
     same = [fake_run("SASRec", 1, 0.1), fake_run("GRU4Rec", 1, 0.2), fake_run("BERT4Rec", 1, None, status="failed")]
     benchmark.check_comparable(same)
