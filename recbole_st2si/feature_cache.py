@@ -9,6 +9,9 @@ is encoded in one causal pass; its ``[Q]`` states give, at once,
 * the validation feature: the ``[Q]`` before the validation item,
 * the test feature: the last ``[Q]``.
 
+RecBole's evaluation loaders (full ranking, or sampled candidates such as ``uni19``) then carry each
+user's cached state, from which the ILP scores the candidates.
+
 Histories that fit the window give exactly the uncached path's inputs (tested). A history longer
 than the window differs slightly: the validation state then sees the window up to the validation
 item (one item fewer than RecBole's validation input) and training transitions older than the
