@@ -15,7 +15,7 @@ from pathlib import Path
 import recbole
 import yaml
 
-from recbole_st2si.benchmark import hardware_summary, now, write_json
+from recbole_st2si.benchmark import hardware_summary, now, read_json, write_json
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_config
@@ -65,7 +65,7 @@ def pretrain_s3rec(request, settings, checkpoint_dir):
     an interruption) reuses it when started again with the same request: on a CPU it takes hours.
     """
     marker = Path(checkpoint_dir) / PRETRAINED_MARKER
-    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    previous = read_json(marker)
     if previous and previous["request"] == request and Path(previous["checkpoint"]).is_file():
         print(f"S3Rec pre-training: reusing {previous['checkpoint']}", flush=True)
         return previous["checkpoint"], previous["stats"]
