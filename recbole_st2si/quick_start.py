@@ -13,7 +13,9 @@ from recbole_st2si.trainer import get_trainer
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
 
-def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, saved=True, callback_fn=None):
+def run_recbole_st2si(
+    model, dataset, config_file_list=None, config_dict=None, saved=True, callback_fn=None, checkpoint_file=None, resume=False
+):
     """Train ``model`` on ``dataset`` and evaluate it with RecBole's full-ranking evaluation.
 
     Args:
@@ -23,6 +25,10 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         config_dict (dict, optional): parameters that override everything but the command line.
         saved (bool): keep the best checkpoint and reload it for the test.
         callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
+        checkpoint_file (str, optional): where the best model is saved, instead of a new timestamped
+            file in ``checkpoint_dir``.
+        resume (bool): continue an interrupted training from ``checkpoint_file`` (weights, optimiser,
+            epoch, early-stopping state); the epochs after its best epoch are trained again.
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``,
@@ -46,6 +52,10 @@ def run_recbole_st2si(model, dataset, config_file_list=None, config_dict=None, s
         train_data, valid_data, test_data = cached_dataloaders(config, model, train_data, valid_data, test_data)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if checkpoint_file:
+        trainer.saved_model_file = str(checkpoint_file)
+        if resume:
+            trainer.resume_checkpoint(checkpoint_file)
     fit_start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn

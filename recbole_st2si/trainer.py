@@ -26,10 +26,18 @@ class SafeCheckpointMixin:
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.checkpoint_valid_result = None
         if not config["single_spec"]:  # RecBole names the file by each rank's own clock
             names = [self.saved_model_file]
             dist.broadcast_object_list(names, src=0)
             self.saved_model_file = names[0]
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        # RecBole saves a new best model before it updates ``best_valid_result``; the checkpoint keeps
+        # the validation result of its own weights, so that a resumed run can report it.
+        valid_score, valid_result = super()._valid_epoch(valid_data, show_progress)
+        self.checkpoint_valid_result = valid_result
+        return valid_score, valid_result
 
     def checkpoint_state_dict(self):
         """What a checkpoint stores of the model; ST2SI narrows it to the parameters it trains."""
@@ -44,6 +52,7 @@ class SafeCheckpointMixin:
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": {key: float(value) for key, value in (self.checkpoint_valid_result or {}).items()},
             "state_dict": self.checkpoint_state_dict(),
             "other_parameter": {k: v for k, v in other.items() if not isinstance(v, torch.nn.Module)},
             "optimizer": self.optimizer.state_dict(),
@@ -82,11 +91,13 @@ class SafeCheckpointMixin:
         return checkpoint
 
     def resume_checkpoint(self, resume_file):
+        """Continue from a checkpoint, with RecBole's ``load_state_dict`` checks replaced by ours."""
         checkpoint = self.load_checkpoint(resume_file)
         self.saved_model_file = str(resume_file)
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
+        self.best_valid_result = self.checkpoint_valid_result = checkpoint.get("best_valid_result") or None
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
@@ -163,8 +174,13 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)
+        # A resumed run continues the schedule where it stopped; the optimiser state it loaded holds
+        # each group's ``initial_lr``, which a scheduler that does not start at step 0 needs.
         self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, self.config["warmup_steps"], max(1, steps_per_epoch * self.epochs)
+            self.optimizer,
+            self.config["warmup_steps"],
+            max(1, steps_per_epoch * self.epochs),
+            last_epoch=self.start_epoch * steps_per_epoch - 1,
         )
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 

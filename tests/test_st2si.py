@@ -1,5 +1,6 @@
 """ST2SI's data path, token assembly, loss and predictions on the tiny dataset and tiny backbone."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
@@ -7,6 +8,7 @@ from recbole.utils import init_seed
 
 from recbole_st2si.backbone import load_tokenizer
 from recbole_st2si.model import ST2SI
+from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_dataset, data_preparation
 
 
@@ -188,3 +190,18 @@ def test_ilp_stage_trains_only_the_projection(make_config):
     assert trainable == {"ilp.weight"}
     model.train()
     assert not model.backbone.training
+
+
+def test_a_resumed_run_continues_the_learning_rate_schedule(settings, tmp_path):
+    """Epoch 0, interrupted, then resumed for two more epochs: the cosine schedule runs its whole
+    course once (ending at learning rate 0) instead of starting over with a warm-up."""
+    checkpoint = tmp_path / "run.pth"
+    first = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(warmup_steps=1), checkpoint_file=checkpoint)
+    steps_per_epoch = first["trainer"].scheduler.last_epoch
+    resumed = run_recbole_st2si(
+        "ST2SI", "tiny", config_dict=settings(warmup_steps=1, epochs=3), checkpoint_file=checkpoint, resume=True
+    )
+    trainer = resumed["trainer"]
+    assert trainer.start_epoch == 1 and sorted(trainer.train_loss_dict) == [1, 2]
+    assert trainer.scheduler.last_epoch == 3 * steps_per_epoch
+    assert all(group["lr"] == pytest.approx(0.0, abs=1e-12) for group in trainer.optimizer.param_groups)
