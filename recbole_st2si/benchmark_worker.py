@@ -5,6 +5,9 @@ every ``--key=value`` argument of the process into a setting. The worker trains 
 through :func:`recbole_st2si.quick_start.run_recbole_st2si` (S3Rec: pre-training, then
 fine-tuning), and writes one JSON file with the results, timings, epochs, parameter counts, the
 evaluation settings the benchmark compares across runs, and the run's configuration.
+
+Long runs survive interruptions: a run started again with the same request continues from the best
+checkpoint its interrupted attempt saved (and reuses S3Rec's finished pre-training).
 """
 
 import json
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 import recbole
+import torch
 import yaml
 
 from recbole_st2si.benchmark import hardware_summary, now, read_json, write_json
@@ -31,6 +35,8 @@ EVALUATION_KEYS = (
 )
 TRAINING_KEYS = ("epochs", "stopping_step", "eval_step", "learning_rate", "train_batch_size", "seed")
 PRETRAINED_MARKER = "pretrained.json"
+TRAINING_MARKER = "training.json"
+CHECKPOINT_NAME = "model.pth"
 MACHINE_KEYS = {
     "checkpoint_dir",
     "data_path",
@@ -77,6 +83,37 @@ def pretrain_s3rec(request, settings, checkpoint_dir):
     return trainer.saved_model_file, stats
 
 
+class ResumableTraining:
+    """The run's checkpoint at a fixed path, and the training time up to each epoch in a marker next
+    to it, so that a run started again with the same request resumes instead of starting over.
+
+    A resumed run reports the epochs and training time of its whole course: the interrupted
+    attempt's up to the checkpoint's epoch (set-up included), then its own.
+    """
+
+    def __init__(self, request, checkpoint_dir):
+        self.request = request
+        self.marker = Path(checkpoint_dir) / TRAINING_MARKER
+        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
+        previous = read_json(self.marker)
+        self.resumed_from_epoch = None
+        self.time_before_s = 0.0
+        self.elapsed_by_epoch = {}
+        if previous and previous["request"] == request and self.checkpoint.is_file():
+            epoch = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+            if str(epoch) in previous["elapsed_s_by_epoch"]:
+                self.resumed_from_epoch = epoch
+                self.time_before_s = previous["elapsed_s_by_epoch"][str(epoch)]
+                self.elapsed_by_epoch = previous["elapsed_s_by_epoch"]
+                print(f"resuming from the checkpoint of epoch {epoch}: {self.checkpoint}", flush=True)
+        self.start = time.perf_counter()
+
+    def after_validation(self, epoch_idx, valid_score):
+        """RecBole's ``callback_fn``: the training time up to this epoch, written down at once."""
+        self.elapsed_by_epoch[str(epoch_idx)] = self.time_before_s + time.perf_counter() - self.start
+        write_json({"request": self.request, "elapsed_s_by_epoch": self.elapsed_by_epoch}, self.marker)
+
+
 def plain(value):
     """A JSON/YAML-safe copy of a config value (enums, devices and the like become strings)."""
     if isinstance(value, dict):
@@ -105,7 +142,7 @@ def measure(result):
     evaluation.update(users=statistics["users"], items=statistics["items"], inters=statistics["inters"])
     return {
         "train_time_s": result["train_time_s"],
-        "epochs": len(result["trainer"].train_loss_dict),
+        "epochs": max(result["trainer"].train_loss_dict, default=result["trainer"].start_epoch - 1) + 1,
         "params_total": sum(parameter.numel() for parameter in model.parameters()),
         "params_trainable": sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
         "evaluation": evaluation,
@@ -125,7 +162,17 @@ def run(spec):
         settings.update(pretrain_epochs=epochs, save_step=epochs)  # one checkpoint: the last epoch's
         pre_model_path, pretraining = pretrain_s3rec(request, settings, spec["checkpoint_dir"])
         settings.update(train_stage="finetune", pre_model_path=pre_model_path)
-    result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], settings)
+    training = ResumableTraining(request, spec["checkpoint_dir"])
+    result = run_recbole_st2si(
+        request["model"],
+        request["dataset"],
+        request["config_files"],
+        settings,
+        callback_fn=training.after_validation,
+        checkpoint_file=training.checkpoint,
+        resume=training.resumed_from_epoch is not None,
+    )
+    result["train_time_s"] += training.time_before_s
     record = {
         "status": "ok",
         "request": request,
@@ -135,6 +182,7 @@ def run(spec):
         "test_result": plain(result["test_result"]),
         **measure(result),
         **pretraining,
+        "resumed_from_epoch": training.resumed_from_epoch,
         "total_time_s": time.perf_counter() - start,
         "hardware": hardware_summary(),
         "finished_at": now(),

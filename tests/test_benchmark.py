@@ -245,3 +245,19 @@ def test_versions_are_reported_without_git(monkeypatch):
     monkeypatch.setattr(benchmark.subprocess, "run", no_git)
     versions = benchmark.library_versions()
     assert versions["recbole"] == "1.2.1" and "recbole-st2si commit" not in versions
+
+
+def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
+    argv = [*common, "--models=GRU4Rec", f"--output_dir={tmp_path}", "--keep_checkpoints"]
+    runs, saved = tmp_path / "tiny" / "runs", tmp_path / "tiny" / "saved" / "GRU4Rec-seed2020"
+    assert benchmark.main(argv) == 0
+    first = json.loads((runs / "GRU4Rec-seed2020.json").read_text())
+    time_to_epoch_0 = json.loads((saved / "training.json").read_text())["elapsed_s_by_epoch"]["0"]
+    (runs / "GRU4Rec-seed2020.json").unlink()  # as if the run had been interrupted after its best epoch
+    assert benchmark.main(argv) == 0
+    assert "resuming from the checkpoint of epoch 0" in (runs / "GRU4Rec-seed2020.log").read_text()
+    resumed = json.loads((runs / "GRU4Rec-seed2020.json").read_text())
+    assert first["resumed_from_epoch"] is None and resumed["resumed_from_epoch"] == 0
+    assert resumed["test_result"] == first["test_result"] and resumed["epochs"] == first["epochs"] == 1
+    assert resumed["best_valid_result"] == first["best_valid_result"]
+    assert resumed["train_time_s"] >= time_to_epoch_0 > 0
