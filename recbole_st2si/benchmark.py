@@ -476,6 +476,16 @@ def readme_text(rows, records, protocol, command, dataset):
         mode = f"the target among {protocol.eval_mode[3:]} sampled negatives"
         candidates = ["Negatives are drawn by RecBole's sampler with each run's seed, so the spread over seeds",
                       "includes the spread over candidate sets.", ""]
+    resumed_runs = [
+        f"{run_name(record['request'])} from its epoch-{record['resumed_from_epoch']} checkpoint"
+        for record in finished
+        if record.get("resumed_from_epoch") is not None
+    ]
+    resumed_note = [
+        "Resumed after an interruption (the epochs after the checkpoint were trained again; the train",
+        f"time includes the interrupted attempt's up to the checkpoint): {', '.join(resumed_runs)}.",
+        "",
+    ] if resumed_runs else []
     lines = [
         f"# Benchmark on {dataset}: {mode}",
         "",
@@ -493,6 +503,7 @@ def readme_text(rows, records, protocol, command, dataset):
         *candidates,
         markdown_table(rows, protocol.columns),
         "",
+        *resumed_note,
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",
         f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})",

@@ -261,3 +261,4 @@ def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
     assert resumed["test_result"] == first["test_result"] and resumed["epochs"] == first["epochs"] == 1
     assert resumed["best_valid_result"] == first["best_valid_result"]
     assert resumed["train_time_s"] >= time_to_epoch_0 > 0
+    assert "GRU4Rec-seed2020 from its epoch-0 checkpoint" in (tmp_path / "tiny" / "README.md").read_text()
