@@ -526,7 +526,7 @@ def plot_chart(rows, protocol, path):
         positions = [position + (index - (len(protocol.chart) - 1) / 2) * width for position in range(len(rows))]
         means = [row[f"{column}_mean"] or 0.0 for row in rows]
         errors = [row[f"{column}_std"] or 0.0 for row in rows]
-        axes.bar(positions, means, width, yerr=errors, capsize=3, label=display_name(column))
+        axes.bar(positions, means, width, yerr=errors if any(errors) else None, capsize=3, label=display_name(column))
     axes.set_xticks(range(len(rows)), [row["model"] for row in rows], rotation=30, ha="right")
     axes.set_ylabel("test score")
     axes.legend()
