@@ -9,6 +9,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_st2si.backbone import load_tokenizer, save_backbone
 from recbole_st2si.feature_cache import cached_dataloaders, uses_feature_cache
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.trainer import get_trainer
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
@@ -35,6 +36,8 @@ def run_recbole_st2si(
         and, for reports, ``train_time_s`` (training and validation), ``dataset_statistics``, the
         final ``config`` and the ``trainer`` (with its model).
     """
+    if resume and not (checkpoint_file and os.path.isfile(checkpoint_file)):
+        raise UserInputError(f"resume=True needs the checkpoint of an interrupted run, got checkpoint_file={checkpoint_file!r}")
     config = create_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)

@@ -7,6 +7,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
 from recbole_st2si.backbone import load_tokenizer
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_dataset, data_preparation
@@ -205,3 +206,8 @@ def test_a_resumed_run_continues_the_learning_rate_schedule(settings, tmp_path):
     assert trainer.start_epoch == 1 and sorted(trainer.train_loss_dict) == [1, 2]
     assert trainer.scheduler.last_epoch == 3 * steps_per_epoch
     assert all(group["lr"] == pytest.approx(0.0, abs=1e-12) for group in trainer.optimizer.param_groups)
+
+
+def test_resuming_without_a_checkpoint_is_a_clear_error(settings, tmp_path):
+    with pytest.raises(UserInputError, match="needs the checkpoint of an interrupted run"):
+        run_recbole_st2si("ST2SI", "tiny", config_dict=settings(), checkpoint_file=tmp_path / "none.pth", resume=True)
