@@ -294,7 +294,8 @@ def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints):
     result_file.unlink(missing_ok=True)
     spec = {"request": request, "result_file": str(result_file), "checkpoint_dir": str(checkpoint_dir)}
     print(f"{name}: running (log: {log_file})", flush=True)
-    with open(log_file, "w") as log:
+    # an interrupted attempt's log stays, followed by the attempt that resumes it
+    with open(log_file, "a" if checkpoint_dir.is_dir() else "w") as log:
         completed = subprocess.run(
             [sys.executable, "-m", "recbole_st2si.benchmark_worker"],
             input=json.dumps(spec),

@@ -89,7 +89,8 @@ class ResumableTraining:
     to it, so that a run started again with the same request resumes instead of starting over.
 
     A resumed run reports the epochs and training time of its whole course: the interrupted
-    attempt's up to the checkpoint's epoch (set-up included), then its own.
+    attempt's up to the checkpoint's epoch (set-up included), then its own; and the machine of
+    each attempt, since an attempt may continue on another machine.
     """
 
     def __init__(self, request, checkpoint_dir):
@@ -100,19 +101,32 @@ class ResumableTraining:
         self.resumed_from_epoch = None
         self.time_before_s = 0.0
         self.elapsed_by_epoch = {}
+        self.hardware_by_attempt = [hardware_summary()]
         if previous and previous["request"] == request and self.checkpoint.is_file():
             epoch = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)["epoch"]
             if str(epoch) in previous["elapsed_s_by_epoch"]:
                 self.resumed_from_epoch = epoch
                 self.time_before_s = previous["elapsed_s_by_epoch"][str(epoch)]
                 self.elapsed_by_epoch = previous["elapsed_s_by_epoch"]
+                self.hardware_by_attempt = previous.get("hardware_by_attempt", []) + self.hardware_by_attempt
                 print(f"resuming from the checkpoint of epoch {epoch}: {self.checkpoint}", flush=True)
         self.start = time.perf_counter()
 
     def after_validation(self, epoch_idx, valid_score):
         """RecBole's ``callback_fn``: the training time up to this epoch, written down at once."""
         self.elapsed_by_epoch[str(epoch_idx)] = self.time_before_s + time.perf_counter() - self.start
-        write_json({"request": self.request, "elapsed_s_by_epoch": self.elapsed_by_epoch}, self.marker)
+        write_json(
+            {
+                "request": self.request,
+                "elapsed_s_by_epoch": self.elapsed_by_epoch,
+                "hardware_by_attempt": self.hardware_by_attempt,
+            },
+            self.marker,
+        )
+
+    def hardware(self):
+        """The machines the run trained on, in order, each named once."""
+        return "; then ".join(dict.fromkeys(self.hardware_by_attempt))
 
 
 def plain(value):
@@ -187,7 +201,7 @@ def run(spec):
         **pretraining,
         "resumed_from_epoch": training.resumed_from_epoch,
         "total_time_s": time.perf_counter() - start + earlier_attempts_s,
-        "hardware": hardware_summary(),
+        "hardware": training.hardware(),
         "finished_at": now(),
     }
     record["train_time_s"] += pretraining.get("pretrain_time_s", 0.0)

@@ -256,9 +256,16 @@ def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
     first = json.loads((runs / "GRU4Rec-seed2020.json").read_text())
     time_to_epoch_0 = json.loads((saved / "training.json").read_text())["elapsed_s_by_epoch"]["0"]
     (runs / "GRU4Rec-seed2020.json").unlink()  # as if the run had been interrupted after its best epoch
+    marker = json.loads((saved / "training.json").read_text())
+    assert marker["hardware_by_attempt"] == [first["hardware"]]
+    marker["hardware_by_attempt"] = ["the machine that was lent"]  # as if the first attempt trained elsewhere
+    (saved / "training.json").write_text(json.dumps(marker))
     assert benchmark.main(argv) == 0
-    assert "resuming from the checkpoint of epoch 0" in (runs / "GRU4Rec-seed2020.log").read_text()
+    log = (runs / "GRU4Rec-seed2020.log").read_text()
+    first_attempt, resumed_attempt = log.split("resuming from the checkpoint of epoch 0")
+    assert "epoch 0 training" in first_attempt and "epoch 0 training" not in resumed_attempt
     resumed = json.loads((runs / "GRU4Rec-seed2020.json").read_text())
+    assert resumed["hardware"] == f"the machine that was lent; then {first['hardware']}"
     assert first["resumed_from_epoch"] is None and resumed["resumed_from_epoch"] == 0
     assert resumed["test_result"] == first["test_result"] and resumed["epochs"] == first["epochs"] == 1
     assert resumed["best_valid_result"] == first["best_valid_result"]
