@@ -70,17 +70,20 @@ def pretrain_s3rec(request, settings, checkpoint_dir):
 
     The stage is recorded next to its checkpoint, so a run that stops during fine-tuning (a crash,
     an interruption) reuses it when started again with the same request: on a CPU it takes hours.
+    The marker names the checkpoint within its folder, so the folder may move to another machine.
     """
     marker = Path(checkpoint_dir) / PRETRAINED_MARKER
     previous = read_json(marker)
-    if previous and previous["request"] == request and Path(previous["checkpoint"]).is_file():
-        print(f"S3Rec pre-training: reusing {previous['checkpoint']}", flush=True)
-        return previous["checkpoint"], previous["stats"], True
+    if previous and previous["request"] == request:
+        checkpoint = Path(checkpoint_dir) / Path(previous["checkpoint"]).name
+        if checkpoint.is_file():
+            print(f"S3Rec pre-training: reusing {checkpoint}", flush=True)
+            return str(checkpoint), previous["stats"], True
     pretrain = {**settings, "train_stage": "pretrain"}
     result = run_recbole_st2si(request["model"], request["dataset"], request["config_files"], pretrain, saved=False)
     trainer = result["trainer"]
     stats = {"pretrain_epochs": len(trainer.train_loss_dict), "pretrain_time_s": result["train_time_s"]}
-    write_json({"request": request, "checkpoint": trainer.saved_model_file, "stats": stats}, marker)
+    write_json({"request": request, "checkpoint": Path(trainer.saved_model_file).name, "stats": stats}, marker)
     return trainer.saved_model_file, stats, False
 
 

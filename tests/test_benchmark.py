@@ -91,9 +91,11 @@ def test_second_invocation_skips_finished_runs(first_run, common, capsys):
 
 
 def test_s3rec_pretraining_is_reused_by_a_run_that_did_not_finish(common, tmp_path):
-    argv = [*common, "--models=S3Rec", f"--output_dir={tmp_path}", "--keep_checkpoints", *SMALL_S3REC]
-    runs = tmp_path / "tiny" / "runs"
-    assert benchmark.main(argv) == 0
+    argv = [*common, "--models=S3Rec", "--keep_checkpoints", *SMALL_S3REC]
+    assert benchmark.main([*argv, f"--output_dir={tmp_path / 'first'}"]) == 0
+    (tmp_path / "first").rename(tmp_path / "moved")  # e.g. to continue on another machine
+    argv.append(f"--output_dir={tmp_path / 'moved'}")
+    runs = tmp_path / "moved" / "tiny" / "runs"
     first = json.loads((runs / "S3Rec-seed2020.json").read_text())
     (runs / "S3Rec-seed2020.json").unlink()  # as if fine-tuning had been interrupted
     assert benchmark.main(argv) == 0
