@@ -4,7 +4,7 @@
 
 Every model (ST2SI: every train stage and ablation variant) and seed runs in its own subprocess, so a
 crash loses one row only; each finished run is written to ``<output_dir>/<dataset>/runs/`` at once
-and is not run again unless ``--rerun``. The table, CSV, per-model configurations and chart are
+and is not run again unless ``--rerun``; ``--jobs=N`` runs N of them side by side. The table, CSV, per-model configurations and chart are
 written to ``<output_dir>/<dataset>/`` (``-uni19`` / ``-ablation`` suffixes for those modes).
 Any other ``--key=value`` overrides a setting for every model; ``--Model.key=value`` (or
 ``--ST2SI-ilp.key=value`` for one variant) for one model only. See docs/benchmark.md.
@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -119,6 +120,8 @@ def build_parser():
     parser.add_argument("--s3rec_pretrain_epochs", type=int, default=10,
                         help="S3Rec pre-training epochs before fine-tuning (default: 10; RecBole's own is 500)")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep <results>/saved/ after each run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (default: 1); small models share a "
+                        "GPU or many cores well, each run gets cores/jobs torch threads unless OMP_NUM_THREADS is set")
     return parser
 
 
@@ -272,7 +275,7 @@ def write_json(record, path):
     os.replace(partial, path)
 
 
-def run_or_reuse(request, results_dir, rerun, keep_checkpoints):
+def run_or_reuse(request, results_dir, rerun, keep_checkpoints, worker_env=None):
     """The run's record: read back if it finished before with the same request, else run now."""
     result_file = results_dir / "runs" / f"{run_name(request)}.json"
     previous = read_json(result_file)
@@ -282,10 +285,10 @@ def run_or_reuse(request, results_dir, rerun, keep_checkpoints):
     checkpoint_dir = results_dir / "saved" / run_name(request)
     if rerun:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a rerun starts over, S3Rec pre-training included
-    return launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints)
+    return launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env)
 
 
-def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints):
+def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None):
     """Run the worker in a subprocess with a clean command line; a crash becomes a failed record.
 
     The checkpoints of a failed run stay, so that its finished S3Rec pre-training is reused."""
@@ -302,6 +305,7 @@ def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints):
             text=True,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=worker_env,
         )
     record = read_json(result_file) if completed.returncode == 0 else None
     if record is not None and not keep_checkpoints:
@@ -443,9 +447,13 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def hardware_summary():
     """The machine a run trained on, for the report (runs may come from several invocations)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return f"CPU: {cpu_model()} ({cores} cores, {torch.get_num_threads()} torch threads); GPU: {gpu}"
 
@@ -580,6 +588,8 @@ def make_plan(argv):
     config_files = parse_config_files(args.config_files)
     if args.s3rec_pretrain_epochs < 1:
         raise UserInputError("--s3rec_pretrain_epochs must be at least 1")
+    if args.jobs < 1:
+        raise UserInputError("--jobs must be at least 1")
     variants = plan_variants(models, stages, args.ablation)
     check_scopes(overrides, variants)
     protocol = PROTOCOLS[args.protocol]
@@ -593,6 +603,22 @@ def make_plan(argv):
     return args, protocol, results_dir, requests
 
 
+def run_all(requests, results_dir, args):
+    """Every run's record, in the order of ``requests``; ``args.jobs`` of them at a time."""
+    if args.jobs == 1:
+        return [run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints) for request in requests]
+    worker_env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in worker_env:  # side-by-side runs would otherwise each claim every core
+        worker_env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // args.jobs))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(
+            pool.map(
+                lambda request: run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints, worker_env),
+                requests,
+            )
+        )
+
+
 def main(argv=None):
     """Run the benchmark; exit status 0 if every run finished, 1 if one failed or runs disagree,
     2 for unusable input."""
@@ -602,7 +628,7 @@ def main(argv=None):
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    records = [run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints) for request in requests]
+    records = run_all(requests, results_dir, args)
     try:
         check_comparable(records)
     except ComparabilityError as error:

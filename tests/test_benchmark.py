@@ -4,6 +4,7 @@ bad input, and the aggregation into table and CSV."""
 import csv
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,7 @@ def test_mismatched_evaluation_is_caught(first_run, common, tmp_path, capsys):
         (["--models=SASRec", "--seed=3"], "use --seeds"),
         (["--models=SASRec", "epochs"], "settings are given as --key=value"),
         (["--models=SASRec", "--config_files=missing.yaml"], "config file not found"),
+        (["--models=SASRec", "--jobs=0"], "--jobs must be at least 1"),
     ],
 )
 def test_bad_input_exits_with_status_2(arguments, message, tmp_path, capsys):
@@ -162,6 +164,25 @@ def test_a_model_can_run_its_own_seeds(tmp_path):
     assert all("seeds" not in request["config_dict"] for request in requests)
     with pytest.raises(benchmark.UserInputError, match="--GRU4Rec.seeds must be integers"):
         benchmark.make_plan([*argv, "--GRU4Rec.seeds=x"])
+
+
+def test_jobs_run_side_by_side_and_keep_the_order(tmp_path, monkeypatch):
+    """Each run waits at a barrier for the other: only runs under way at once get past it."""
+    barrier, worker_envs = threading.Barrier(2, timeout=30), []
+
+    def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None):
+        barrier.wait()
+        worker_envs.append(worker_env)
+        return {"status": "ok", "request": request}
+
+    monkeypatch.setattr(benchmark, "launch", launch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    argv = ["--models=SASRec,GRU4Rec", "--jobs=2", f"--output_dir={tmp_path}"]
+    args, _, results_dir, requests = benchmark.make_plan(argv)
+    records = benchmark.run_all(requests, results_dir, args)
+    assert [record["request"]["variant"] for record in records] == ["SASRec", "GRU4Rec"]
+    threads = str(max(1, benchmark.usable_cores() // 2))
+    assert [env["OMP_NUM_THREADS"] for env in worker_envs] == [threads, threads]
 
 
 def fake_run(variant, seed, ndcg, status="ok", **evaluation):
