@@ -4,9 +4,9 @@
 
 Every model (ST2SI: every train stage and ablation variant) and seed runs in its own subprocess, so a
 crash loses one row only; each finished run is written to ``<output_dir>/<dataset>/runs/`` at once
-and is not run again unless ``--rerun``; ``--jobs=N`` runs N of them side by side. The table, CSV, per-model configurations and chart are
-written to ``<output_dir>/<dataset>/`` (``-uni19`` / ``-ablation`` suffixes for those modes).
-Any other ``--key=value`` overrides a setting for every model; ``--Model.key=value`` (or
+and is not run again unless ``--rerun``; ``--jobs=N`` runs N of them side by side. The table, CSV,
+per-model configurations and chart are written to ``<output_dir>/<dataset>/`` (``-uni19`` /
+``-ablation`` suffixes for those modes). Any other ``--key=value`` overrides a setting for every model; ``--Model.key=value`` (or
 ``--ST2SI-ilp.key=value`` for one variant) for one model only. See docs/benchmark.md.
 """
 
@@ -605,18 +605,17 @@ def make_plan(argv):
 
 def run_all(requests, results_dir, args):
     """Every run's record, in the order of ``requests``; ``args.jobs`` of them at a time."""
+    worker_env = None
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # else each side-by-side run claims every core
+        worker_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // args.jobs))}
+
+    def run(request):
+        return run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints, worker_env)
+
     if args.jobs == 1:
-        return [run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints) for request in requests]
-    worker_env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in worker_env:  # side-by-side runs would otherwise each claim every core
-        worker_env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // args.jobs))
+        return [run(request) for request in requests]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return list(
-            pool.map(
-                lambda request: run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints, worker_env),
-                requests,
-            )
-        )
+        return list(pool.map(run, requests))
 
 
 def main(argv=None):
