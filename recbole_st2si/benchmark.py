@@ -6,8 +6,9 @@ Every model (ST2SI: every train stage and ablation variant) and seed runs in its
 crash loses one row only; each finished run is written to ``<output_dir>/<dataset>/runs/`` at once
 and is not run again unless ``--rerun``; ``--jobs=N`` runs N of them side by side. The table, CSV,
 per-model configurations and chart are written to ``<output_dir>/<dataset>/`` (``-uni19`` /
-``-ablation`` suffixes for those modes). Any other ``--key=value`` overrides a setting for every model; ``--Model.key=value`` (or
-``--ST2SI-ilp.key=value`` for one variant) for one model only. See docs/benchmark.md.
+``-ablation`` suffixes for those modes). Any other ``--key=value`` overrides a setting for every
+model; ``--Model.key=value`` (or ``--ST2SI-ilp.key=value`` for one variant) for one model only.
+See docs/benchmark.md.
 """
 
 import argparse
