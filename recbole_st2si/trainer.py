@@ -59,8 +59,13 @@ class SafeCheckpointMixin:
         }
 
     def save_pretrained_model(self, epoch, saved_model_file):
-        """RecBole's pre-training checkpoint (S3Rec), which its fine-tuning loads with ``torch.load``."""
-        torch.save(self._checkpoint(epoch), saved_model_file)
+        """RecBole's pre-training checkpoint (S3Rec). Its fine-tuning loads the file with a plain
+        ``torch.load``, which fails on a CPU machine for CUDA tensors: the weights are saved on the
+        CPU, without the optimiser state that fine-tuning does not use."""
+        checkpoint = self._checkpoint(epoch)
+        del checkpoint["optimizer"]
+        checkpoint["state_dict"] = {name: tensor.cpu() for name, tensor in checkpoint["state_dict"].items()}
+        torch.save(checkpoint, saved_model_file)
         self.saved_model_file = saved_model_file
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):

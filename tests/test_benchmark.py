@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from recbole_st2si import benchmark
 
@@ -101,6 +102,9 @@ def test_s3rec_pretraining_is_reused_by_a_run_that_did_not_finish(common, tmp_pa
     (runs / "S3Rec-seed2020.json").unlink()  # as if fine-tuning had been interrupted
     assert benchmark.main(argv) == 0
     assert "S3Rec pre-training: reusing" in (runs / "S3Rec-seed2020.log").read_text()
+    pretrained = torch.load(next((runs.parent / "saved").glob("S3Rec-seed2020/S3Rec-*.pth")), weights_only=True)
+    assert "optimizer" not in pretrained  # weights only, which fine-tuning loads on any device
+    assert {tensor.device.type for tensor in pretrained["state_dict"].values()} == {"cpu"}
     resumed = json.loads((runs / "S3Rec-seed2020.json").read_text())
     assert resumed["pretrain_time_s"] == first["pretrain_time_s"]
     assert resumed["total_time_s"] > resumed["pretrain_time_s"]  # the reused pre-training counts
