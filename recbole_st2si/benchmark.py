@@ -46,6 +46,7 @@ RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that co
     "checkpoint_dir": "--output_dir",
 }
 EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epochs")
+TIME_COLUMNS = ("train_time_s", "total_time_s")
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
 LOG_TAIL_LINES = 40
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +379,11 @@ def summarize(variant_name, records, columns):
         "seeds": " ".join(str(record["request"]["seed"]) for record in records),
         "seeds_ok": len(finished),
     }
+    one_machine = len({(record["hardware"], record["device"]) for record in finished}) == 1
     for column in (*columns, *EFFORT_COLUMNS):
+        if column in TIME_COLUMNS and not one_machine:  # seconds on different machines do not average
+            row[f"{column}_mean"], row[f"{column}_std"] = None, None
+            continue
         row[f"{column}_mean"], row[f"{column}_std"] = mean_std([value_of(record, column) for record in finished])
     row["params_trainable"] = finished[0]["params_trainable"] if finished else None
     row["params_total"] = finished[0]["params_total"] if finished else None
@@ -491,6 +496,12 @@ def readme_text(rows, records, protocol, command, dataset):
         for record in finished
         if record.get("resumed_from_epoch") is not None
     ]
+    times_not_averaged = [row["model"] for row in rows if row["seeds_ok"] and row["train_time_s_mean"] is None]
+    machines_note = [
+        f"No mean time for {', '.join(times_not_averaged)}: its runs trained on different machines (each",
+        "run's JSON in `runs/` has its own times).",
+        "",
+    ] if times_not_averaged else []
     resumed_note = [
         "Resumed after an interruption (the epochs after the checkpoint were trained again; the train",
         f"time includes the interrupted attempt's up to the checkpoint): {', '.join(resumed_runs)}.",
@@ -513,6 +524,7 @@ def readme_text(rows, records, protocol, command, dataset):
         *candidates,
         markdown_table(rows, protocol.columns),
         "",
+        *machines_note,
         *resumed_note,
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",

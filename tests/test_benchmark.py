@@ -208,7 +208,7 @@ def fake_run(variant, seed, ndcg, status="ok", **evaluation):
         "evaluation": {"topk": [10], "users": 31, **evaluation},
         "config": {"seed": seed, "ndcg": ndcg},
         "hardware": "CPU: test",
-        "device": "cuda" if variant == "SASRec" and seed == 2 else "cpu",
+        "device": "cpu",
     }
 
 
@@ -237,13 +237,25 @@ def test_aggregation_into_table_csv_and_configs(tmp_path):
 
     readme = (tmp_path / "README.md").read_text()
     sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 30 ± 14 | 1.5 ± 0.7 |"
-    assert table["SASRec"]["device"] == "cpu cuda" and table["GRU4Rec"]["device"] == "cpu"
+    assert table["SASRec"]["device"] == "cpu"
     assert sasrec in readme
     assert "| BERT4Rec | – | – |" in readme and "partly failed (runs/GRU4Rec-seed2.log)" in readme
     # the configuration kept is the seed with the best validation score
     assert "seed: 2" in (tmp_path / "configs" / "SASRec.yaml").read_text()
     assert not (tmp_path / "configs" / "BERT4Rec.yaml").exists()
     assert (tmp_path / "ndcg_recall.png").is_file()
+
+
+def test_times_are_averaged_only_over_runs_on_one_machine(tmp_path):
+    on_gpu = {**fake_run("SASRec", 2, 0.3), "hardware": "GPU: test", "device": "cuda"}
+    records = [fake_run("SASRec", 1, 0.1), on_gpu, fake_run("GRU4Rec", 1, 0.2), fake_run("GRU4Rec", 2, 0.2)]
+    sasrec, gru4rec = benchmark.write_report(tmp_path, records, benchmark.PROTOCOLS["full"], "command", "tiny")
+    assert sasrec["ndcg@10_mean"] == pytest.approx(0.2) and sasrec["epochs_mean"] == pytest.approx(1.5)
+    assert sasrec["train_time_s_mean"] is None and sasrec["total_time_s_mean"] is None
+    assert sasrec["device"] == "cpu cuda" and gru4rec["train_time_s_mean"] == pytest.approx(15.0)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| 0.4000 ± 0.2828 | – | – | 1.5 ± 0.7 |" in readme
+    assert "No mean time for SASRec: its runs trained on different machines" in readme
 
 
 def test_uni19_report_shows_hit_at_1_with_its_spread_over_seeds(tmp_path):
