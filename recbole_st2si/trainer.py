@@ -1,6 +1,7 @@
 """Trainers: weights-only checkpoints for every RecBole model, and ST2SI's optimisation recipe."""
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ class SafeCheckpointMixin:
     """
 
     def __init__(self, config, model):
+        # RecBole creates the folder after checking that it is missing: DDP ranks race there
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
         super().__init__(config, model)
         self.checkpoint_valid_result = None
         if not config["single_spec"]:  # RecBole names the file by each rank's own clock
