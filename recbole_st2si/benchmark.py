@@ -277,12 +277,19 @@ def write_json(record, path):
     os.replace(partial, path)
 
 
+def report_progress(line):
+    """One write per line: ``print`` writes the text and its newline apart, and side-by-side runs
+    (``--jobs``) then ran their lines together."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
 def run_or_reuse(request, results_dir, rerun, keep_checkpoints, worker_env=None):
     """The run's record: read back if it finished before with the same request, else run now."""
     result_file = results_dir / "runs" / f"{run_name(request)}.json"
     previous = read_json(result_file)
     if not rerun and previous and previous.get("status") == "ok" and previous.get("request") == request:
-        print(f"{run_name(request)}: finished before, skipped (--rerun runs it again)", flush=True)
+        report_progress(f"{run_name(request)}: finished before, skipped (--rerun runs it again)")
         return previous
     checkpoint_dir = results_dir / "saved" / run_name(request)
     if rerun:
@@ -298,7 +305,7 @@ def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, 
     log_file = results_dir / "runs" / f"{name}.log"
     result_file.unlink(missing_ok=True)
     spec = {"request": request, "result_file": str(result_file), "checkpoint_dir": str(checkpoint_dir)}
-    print(f"{name}: running (log: {log_file})", flush=True)
+    report_progress(f"{name}: running (log: {log_file})")
     # an interrupted attempt's log stays, followed by the attempt that resumes it
     with open(log_file, "a" if checkpoint_dir.is_dir() else "w") as log:
         completed = subprocess.run(
@@ -315,9 +322,9 @@ def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, 
     if record is None:
         record = failure_record(request, completed.returncode, log_file)
         write_json(record, result_file)
-        print(f"{name}: FAILED (exit status {completed.returncode}), see {log_file}", flush=True)
+        report_progress(f"{name}: FAILED (exit status {completed.returncode}), see {log_file}")
     else:
-        print(f"{name}: done in {record['total_time_s']:.0f} s, test {record['test_result']}", flush=True)
+        report_progress(f"{name}: done in {record['total_time_s']:.0f} s, test {record['test_result']}")
     return record
 
 

@@ -189,6 +189,21 @@ def test_jobs_run_side_by_side_and_keep_the_order(tmp_path, monkeypatch):
     assert [env["OMP_NUM_THREADS"] for env in worker_envs] == [threads, threads]
 
 
+def test_side_by_side_progress_lines_stay_whole(tmp_path, monkeypatch):
+    """Lines written by concurrent runs must not run together: each is written in one piece."""
+    writes = []
+    recorder = type("Recorder", (), {"write": writes.append, "flush": lambda self: None})
+    monkeypatch.setattr(benchmark.sys, "stdout", recorder())
+    argv = ["--models=SASRec,GRU4Rec", "--jobs=2", f"--output_dir={tmp_path}"]
+    args, _, results_dir, requests = benchmark.make_plan(argv)
+    for request in requests:
+        record_file = results_dir / "runs" / f"{benchmark.run_name(request)}.json"
+        benchmark.write_json({"status": "ok", "request": request}, record_file)
+    benchmark.run_all(requests, results_dir, args)
+    skipped = "finished before, skipped (--rerun runs it again)"
+    assert sorted(writes) == [f"GRU4Rec-seed2020: {skipped}\n", f"SASRec-seed2020: {skipped}\n"]
+
+
 def fake_run(variant, seed, ndcg, status="ok", **evaluation):
     """A run record as the worker writes it, with only what the report reads."""
     request = {"variant": variant, "seed": seed}
