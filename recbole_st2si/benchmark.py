@@ -47,6 +47,7 @@ RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that co
 }
 EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epochs")
 TIME_COLUMNS = ("train_time_s", "total_time_s")
+ATTEMPTS_SEPARATOR = "; then "  # joins the machines of a run resumed elsewhere, in its record's "hardware"
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
 LOG_TAIL_LINES = 40
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -373,6 +374,12 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def trained_on_one_machine(records):
+    """Whether every attempt of every run trained on the same machine."""
+    machines = {(record["hardware"], record["device"]) for record in records}
+    return len(machines) == 1 and ATTEMPTS_SEPARATOR not in next(iter(machines))[0]
+
+
 def summarize(variant_name, records, columns):
     """One table row from the runs (seeds) of one variant: mean and std of every column."""
     finished = [record for record in records if record["status"] == "ok"]
@@ -386,9 +393,8 @@ def summarize(variant_name, records, columns):
         "seeds": " ".join(str(record["request"]["seed"]) for record in records),
         "seeds_ok": len(finished),
     }
-    one_machine = len({(record["hardware"], record["device"]) for record in finished}) == 1
     for column in (*columns, *EFFORT_COLUMNS):
-        if column in TIME_COLUMNS and not one_machine:  # seconds on different machines do not average
+        if column in TIME_COLUMNS and not trained_on_one_machine(finished):  # such seconds do not compare
             row[f"{column}_mean"], row[f"{column}_std"] = None, None
             continue
         row[f"{column}_mean"], row[f"{column}_std"] = mean_std([value_of(record, column) for record in finished])
@@ -505,8 +511,8 @@ def readme_text(rows, records, protocol, command, dataset):
     ]
     times_not_averaged = [row["model"] for row in rows if row["seeds_ok"] and row["train_time_s_mean"] is None]
     machines_note = [
-        f"No mean time for {', '.join(times_not_averaged)}: its runs trained on different machines (each",
-        "run's JSON in `runs/` has its own times).",
+        f"No time for {', '.join(times_not_averaged)}: its runs, or one run's resumed attempts, trained on",
+        "different machines (each run's JSON in `runs/` has its own times and machines).",
         "",
     ] if times_not_averaged else []
     resumed_note = [

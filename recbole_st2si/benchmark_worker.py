@@ -19,7 +19,7 @@ import recbole
 import torch
 import yaml
 
-from recbole_st2si.benchmark import hardware_summary, now, read_json, write_json
+from recbole_st2si.benchmark import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, write_json
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_config
@@ -129,7 +129,7 @@ class ResumableTraining:
 
     def hardware(self):
         """The machines the run trained on, in order, each named once."""
-        return "; then ".join(dict.fromkeys(self.hardware_by_attempt))
+        return ATTEMPTS_SEPARATOR.join(dict.fromkeys(self.hardware_by_attempt))
 
 
 def plain(value):

@@ -270,7 +270,16 @@ def test_times_are_averaged_only_over_runs_on_one_machine(tmp_path):
     assert sasrec["device"] == "cpu cuda" and gru4rec["train_time_s_mean"] == pytest.approx(15.0)
     readme = (tmp_path / "README.md").read_text()
     assert "| 0.4000 ± 0.2828 | – | – | 1.5 ± 0.7 |" in readme
-    assert "No mean time for SASRec: its runs trained on different machines" in readme
+    assert "No time for SASRec: its runs, or one run's resumed attempts, trained on" in readme
+
+
+def test_a_run_resumed_on_another_machine_shows_no_time(tmp_path):
+    moved = {**fake_run("S3Rec", 1, 0.3), "hardware": f"GPU: test{benchmark.ATTEMPTS_SEPARATOR}CPU: test"}
+    stayed = [{**fake_run("SASRec", seed, 0.1), "hardware": "CPU: test; GPU: none"} for seed in (1, 2)]
+    s3rec, sasrec = benchmark.write_report(tmp_path, [moved, *stayed], benchmark.PROTOCOLS["full"], "command", "tiny")
+    assert s3rec["ndcg@10_mean"] == pytest.approx(0.3) and s3rec["epochs_mean"] == pytest.approx(1.0)
+    assert s3rec["train_time_s_mean"] is None and s3rec["total_time_s_mean"] is None
+    assert sasrec["train_time_s_mean"] == pytest.approx(15.0)
 
 
 def test_uni19_report_shows_hit_at_1_with_its_spread_over_seeds(tmp_path):
