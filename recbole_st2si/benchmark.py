@@ -393,8 +393,9 @@ def summarize(variant_name, records, columns):
         "seeds": " ".join(str(record["request"]["seed"]) for record in records),
         "seeds_ok": len(finished),
     }
+    times_compare = trained_on_one_machine(finished)
     for column in (*columns, *EFFORT_COLUMNS):
-        if column in TIME_COLUMNS and not trained_on_one_machine(finished):  # such seconds do not compare
+        if column in TIME_COLUMNS and not times_compare:
             row[f"{column}_mean"], row[f"{column}_std"] = None, None
             continue
         row[f"{column}_mean"], row[f"{column}_std"] = mean_std([value_of(record, column) for record in finished])
