@@ -510,6 +510,11 @@ def readme_text(rows, records, protocol, command, dataset):
         for record in finished
         if record.get("resumed_from_epoch") is not None
     ]
+    at_epoch_limit = [
+        f"{run_name(record['request'])} ({record['epochs']} epochs)"
+        for record in finished
+        if record["epochs"] >= record["config"]["epochs"]
+    ]
     times_not_averaged = [row["model"] for row in rows if row["seeds_ok"] and row["train_time_s_mean"] is None]
     machines_note = [
         f"No time for {', '.join(times_not_averaged)}: its runs, or one run's resumed attempts, trained on",
@@ -521,6 +526,11 @@ def readme_text(rows, records, protocol, command, dataset):
         f"time includes the interrupted attempt's up to the checkpoint): {', '.join(resumed_runs)}.",
         "",
     ] if resumed_runs else []
+    epoch_limit_note = [
+        "Trained up to the epoch limit, which ended them before early stopping could (more epochs",
+        f"might score higher): {', '.join(at_epoch_limit)}.",
+        "",
+    ] if at_epoch_limit else []
     lines = [
         f"# Benchmark on {dataset}: {mode}",
         "",
@@ -540,6 +550,7 @@ def readme_text(rows, records, protocol, command, dataset):
         "",
         *machines_note,
         *resumed_note,
+        *epoch_limit_note,
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",
         f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})",

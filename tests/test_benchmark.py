@@ -221,7 +221,7 @@ def fake_run(variant, seed, ndcg, status="ok", **evaluation):
         "params_trainable": 100,
         "params_total": 1000,
         "evaluation": {"topk": [10], "users": 31, **evaluation},
-        "config": {"seed": seed, "ndcg": ndcg},
+        "config": {"seed": seed, "ndcg": ndcg, "epochs": 100},
         "hardware": "CPU: test",
         "device": "cpu",
     }
@@ -280,6 +280,16 @@ def test_a_run_resumed_on_another_machine_shows_no_time(tmp_path):
     assert s3rec["ndcg@10_mean"] == pytest.approx(0.3) and s3rec["epochs_mean"] == pytest.approx(1.0)
     assert s3rec["train_time_s_mean"] is None and s3rec["total_time_s_mean"] is None
     assert sasrec["train_time_s_mean"] == pytest.approx(15.0)
+
+
+def test_runs_ended_by_the_epoch_limit_are_named(tmp_path):
+    at_limit = fake_run("FDSA", 10, 0.3)
+    at_limit["config"]["epochs"] = 10
+    records = [at_limit, fake_run("SASRec", 1, 0.1)]
+    benchmark.write_report(tmp_path, records, benchmark.PROTOCOLS["full"], "command", "tiny")
+    readme = (tmp_path / "README.md").read_text()
+    assert "which ended them before early stopping could" in readme
+    assert "could (more epochs\nmight score higher): FDSA-seed10 (10 epochs).\n" in readme
 
 
 def test_uni19_report_shows_hit_at_1_with_its_spread_over_seeds(tmp_path):
