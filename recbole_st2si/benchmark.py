@@ -14,6 +14,7 @@ See docs/benchmark.md.
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shlex
@@ -572,11 +573,12 @@ def plot_chart(rows, protocol, path):
     for index, column in enumerate(protocol.chart):
         positions = [position + (index - (len(protocol.chart) - 1) / 2) * width for position in range(len(rows))]
         means = [row[f"{column}_mean"] or 0.0 for row in rows]
-        errors = [row[f"{column}_std"] or 0.0 for row in rows]
-        axes.bar(positions, means, width, yerr=errors if any(errors) else None, capsize=3, label=display_name(column))
+        # no bar for a single seed, whose spread is unknown rather than zero
+        errors = [math.nan if row[f"{column}_std"] is None else row[f"{column}_std"] for row in rows]
+        axes.bar(positions, means, width, yerr=errors, capsize=3, label=display_name(column))
     axes.set_xticks(range(len(rows)), [row["model"] for row in rows], rotation=30, ha="right")
     axes.set_ylabel("test score")
-    axes.legend()
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(protocol.chart), frameon=False)  # clear of the bars
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
