@@ -506,6 +506,7 @@ def readme_text(rows, records, protocol, command, dataset):
         mode = f"the target among {protocol.eval_mode[3:]} sampled negatives"
         candidates = ["Negatives are drawn by RecBole's sampler with each run's seed, so the spread over seeds",
                       "includes the spread over candidate sets.", ""]
+    times_not_averaged = [row["model"] for row in rows if row["seeds_ok"] and row["train_time_s_mean"] is None]
     resumed_runs = [
         f"{run_name(record['request'])} from its epoch-{record['resumed_from_epoch']} checkpoint"
         for record in finished
@@ -516,22 +517,16 @@ def readme_text(rows, records, protocol, command, dataset):
         for record in finished
         if record["epochs"] >= record["config"]["epochs"]
     ]
-    times_not_averaged = [row["model"] for row in rows if row["seeds_ok"] and row["train_time_s_mean"] is None]
-    machines_note = [
-        f"No time for {', '.join(times_not_averaged)}: its runs, or one run's resumed attempts, trained on",
-        "different machines (each run's JSON in `runs/` has its own times and machines).",
-        "",
-    ] if times_not_averaged else []
-    resumed_note = [
-        "Resumed after an interruption (the epochs after the checkpoint were trained again; the train",
-        f"time includes the interrupted attempt's up to the checkpoint): {', '.join(resumed_runs)}.",
-        "",
-    ] if resumed_runs else []
-    epoch_limit_note = [
-        "Trained up to the epoch limit, which ended them before early stopping could (more epochs",
-        f"might score higher): {', '.join(at_epoch_limit)}.",
-        "",
-    ] if at_epoch_limit else []
+    notes = []  # each a paragraph under the table, only where it names something
+    if times_not_averaged:
+        notes.append(f"No time for {', '.join(times_not_averaged)}: its runs, or one run's resumed attempts, trained on\n"
+                     "different machines (each run's JSON in `runs/` has its own times and machines).")
+    if resumed_runs:
+        notes.append("Resumed after an interruption (the epochs after the checkpoint were trained again; the train\n"
+                     f"time includes the interrupted attempt's up to the checkpoint): {', '.join(resumed_runs)}.")
+    if at_epoch_limit:
+        notes.append("Trained up to the epoch limit, which ended them before early stopping could (more epochs\n"
+                     f"might score higher): {', '.join(at_epoch_limit)}.")
     lines = [
         f"# Benchmark on {dataset}: {mode}",
         "",
@@ -549,9 +544,7 @@ def readme_text(rows, records, protocol, command, dataset):
         *candidates,
         markdown_table(rows, protocol.columns),
         "",
-        *machines_note,
-        *resumed_note,
-        *epoch_limit_note,
+        *(f"{note}\n" for note in notes),
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",
         f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})",
