@@ -10,14 +10,12 @@ from recbole.utils import get_model as recbole_get_model
 from recbole_st2si.data.dataloader import ST2SITrainDataLoader
 from recbole_st2si.data.dataset import ST2SIDataset
 from recbole_st2si.data.prepare import main as prepare_main
-from recbole_st2si.distributed import PluginConfig
+from recbole_st2si.distributed import PROPERTIES_DIR, PluginConfig
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.model.st2si import resolve_auto_settings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PROPERTIES_DIR = PROJECT_ROOT / "properties"
-DATASET_CONFIG_DIR = PROJECT_ROOT / "dataset_configs"
+DATASET_CONFIG_DIR = PROPERTIES_DIR.parent / "dataset_configs"
 PLUGIN_MODELS = {"ST2SI": ST2SI}
 
 

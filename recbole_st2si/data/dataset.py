@@ -64,6 +64,12 @@ class ST2SIDataset(SequentialDataset):
             )
         self.item_feat = item_feat
         self.inter_feat = inter_feat[known]
+        # RecBole fills a missing float with the column's mean: remember which values were missing
+        self.missing_float_text = {
+            field: set(item_feat[self.iid_field][item_feat[field].isna()])
+            for field in self.text_fields
+            if self.field2type[field] == FeatureType.FLOAT
+        }
 
     def _check_text_fields(self):
         if self.item_feat is None:
@@ -95,14 +101,20 @@ class ST2SIDataset(SequentialDataset):
         return attributes
 
     def _field_strings(self, field) -> list[str]:
-        """The field's value for every internal item id, as text."""
+        """The field's value for every internal item id, as text ("" where missing, never a filled-in value).
+
+        Token ids arrive as floats: RecBole merges ``.item`` onto all item ids, which puts NaN in
+        padding row 0 (and leaves it where pandas skips RecBole's chained ``fillna``). Missing is id 0.
+        """
         values = self.item_feat[field]
         field_type = self.field2type[field]
         if field_type == FeatureType.FLOAT:
-            return [f"{value:g}" for value in values.tolist()]
+            raw_items = self.field2id_token[self.iid_field]
+            missing = self.missing_float_text[field]
+            return ["" if raw_items[item] in missing else f"{value:g}" for item, value in enumerate(values.tolist())]
         vocabulary = self.field2id_token[field]
         if field_type == FeatureType.TOKEN:
-            return [str(vocabulary[index]) if index else "" for index in values.tolist()]
+            return [str(vocabulary[index]) if index else "" for index in values.fillna(0).astype(np.int64).tolist()]
         return [" ".join(str(vocabulary[index]) for index in row if index) for row in values.tolist()]
 
     def _tokenize_items(self):
