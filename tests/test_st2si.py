@@ -48,14 +48,19 @@ def test_assembly_interleaves_item_texts_and_queries(make_config):
     assert kept.tolist() == [[True, True, True, False], [True, False, False, False]]
 
 
-def test_assembly_drops_oldest_items_beyond_max_seq_tokens(make_config):
+def test_assembly_keeps_recent_items_while_their_tokens_stay_below_max_seq_tokens(make_config):
     model, train_data, _, _ = build(make_config())
     dataset, q = train_data.dataset, model.query_token_id
     seq = torch.tensor([[1, 2, 3]])
-    model.max_seq_tokens = len(item_tokens(dataset, 2)) + len(item_tokens(dataset, 3)) + 2
+    last_two = len(item_tokens(dataset, 2)) + len(item_tokens(dataset, 3)) + 2  # texts and their [Q]
+    model.max_seq_tokens = last_two + 1
     input_ids, _, _, _, kept = model.assemble_inputs(seq, torch.tensor([3]))
     assert kept.tolist() == [[False, True, True]]
     assert input_ids[0].tolist() == item_tokens(dataset, 2) + [q] + item_tokens(dataset, 3) + [q]
+    model.max_seq_tokens = last_two  # the authors' rule: the count must stay strictly below the limit
+    input_ids, _, _, _, kept = model.assemble_inputs(seq, torch.tensor([3]))
+    assert kept.tolist() == [[False, False, True]]
+    assert input_ids[0].tolist() == item_tokens(dataset, 3) + [q]
 
 
 def test_query_targets_are_the_next_items():
@@ -136,6 +141,16 @@ def test_without_multi_query_only_the_last_query_counts(make_config):
         last_state = model(batch["item_id_list"], batch["item_length"])
         expected = F.cross_entropy(model.item_logits(last_state), batch["item_id"])
         assert torch.allclose(model.calculate_loss(batch), expected, atol=1e-6)
+
+
+def test_item_scores_are_float32_under_bf16_autocast(make_config):
+    model, _, _, _ = build(make_config())
+    states = torch.randn(64, model.ilp.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.item_logits(states)
+    expected = states.double() @ model.ilp.weight.double().T
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores[:, 1:].double(), expected[:, 1:], atol=1e-5)
 
 
 def test_full_sort_predict_scores_every_item_but_padding(make_config):

@@ -91,9 +91,9 @@ class ST2SI(SequentialRecommender):
 
         prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
         segment_tokens, segment_len = self._segment_table(dataset.item_token_ids, dataset.item_token_len, prompt)
-        if int(segment_len.max()) > self.max_seq_tokens:
+        if int(segment_len.max()) >= self.max_seq_tokens:
             raise UserInputError(
-                f"max_seq_tokens={self.max_seq_tokens} is shorter than one item text (+[Q]) or the alignment "
+                f"max_seq_tokens={self.max_seq_tokens} must exceed the longest item text (+[Q]) or alignment "
                 f"prompt ({int(segment_len.max())} tokens)"
             )
         # Not persistent: they are derived from the dataset and tokenizer, not learned.
@@ -151,8 +151,8 @@ class ST2SI(SequentialRecommender):
         NaN x 0 gradients turn every backbone weight into NaN. For the real tokens both layouts are
         the same computation (same positions, same visible keys).
 
-        ``item_seq`` is RecBole's ``[B, L]`` left-aligned, zero-padded item list. The oldest items are
-        dropped until the tokens fit ``max_seq_tokens``.
+        ``item_seq`` is RecBole's ``[B, L]`` left-aligned, zero-padded item list. As in the authors'
+        code, the most recent items are kept while their tokens stay below ``max_seq_tokens``.
 
         Returns:
             input_ids, attention_mask, position_ids: ``[B, S]`` backbone inputs;
@@ -164,7 +164,7 @@ class ST2SI(SequentialRecommender):
         present = torch.arange(slots, device=device) < item_seq_len[:, None]
         seg_len = self.segment_len[item_seq] * present
         tokens_from_here = seg_len.flip(1).cumsum(1).flip(1)
-        kept = present & (tokens_from_here <= self.max_seq_tokens)
+        kept = present & (tokens_from_here < self.max_seq_tokens)
         seg_len = seg_len * kept
         seg_end = seg_len.cumsum(1)
         total = seg_end[:, -1]
@@ -201,8 +201,10 @@ class ST2SI(SequentialRecommender):
         return targets.scatter(1, last, target[:, None])
 
     def item_logits(self, states):
-        """ILP scores of every item; the padding item 0 is never a candidate."""
-        logits = self.ilp(states)
+        """ILP scores of every item in float32, also under autocast: in bf16 many of the scores of a
+        large catalogue would tie. The padding item 0 is never a candidate."""
+        with torch.autocast(states.device.type, enabled=False):
+            logits = F.linear(states.float(), self.ilp.weight.float())
         return logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), float("-inf"))
 
     # ------------------------------------------------------------------ RecBole interface
@@ -214,13 +216,13 @@ class ST2SI(SequentialRecommender):
     def calculate_loss(self, interaction):
         target = interaction[self.POS_ITEM_ID]
         if QUERY_FEATURE in interaction:
-            return F.cross_entropy(self.item_logits(interaction[QUERY_FEATURE]).float(), target)
+            return F.cross_entropy(self.item_logits(interaction[QUERY_FEATURE]), target)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         states, is_query = self.query_states(item_seq, item_seq_len)
         targets = self.query_targets(item_seq, item_seq_len, target)
         if not self.multi_query:
             is_query = is_query & (torch.arange(item_seq.shape[1], device=item_seq.device) == (item_seq_len - 1)[:, None])
-        return F.cross_entropy(self.item_logits(states[is_query]).float(), targets[is_query])
+        return F.cross_entropy(self.item_logits(states[is_query]), targets[is_query])
 
     def _last_query_state(self, interaction):
         if QUERY_FEATURE in interaction:
@@ -228,9 +230,9 @@ class ST2SI(SequentialRecommender):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def full_sort_predict(self, interaction):
-        return self.item_logits(self._last_query_state(interaction)).float()
+        return self.item_logits(self._last_query_state(interaction))
 
     def predict(self, interaction):
         state = self._last_query_state(interaction)
         weight = self.ilp.weight[interaction[self.ITEM_ID]]
-        return (state * weight).sum(-1).float()
+        return (state.float() * weight.float()).sum(-1)
