@@ -1,29 +1,29 @@
 """Efficient ILP tuning: run the frozen backbone once, then train the ILP on cached ``[Q]`` states.
 
 With a frozen backbone in eval mode the hidden state at every ``[Q]`` is a fixed function of the
-input, so ILP tuning is a softmax regression on features that can be computed once. Each user's
-most recent window (the test input: at most ``MAX_ITEM_LIST_LENGTH`` items before the test item)
-is encoded in one causal pass; its ``[Q]`` states give, at once,
+input, so ILP tuning is a softmax regression on features that can be computed once. The cache
+encodes the windows of ``train_window: all`` (:mod:`recbole_st2si.data.windows`): each user's whole
+history, test item included, tiled backwards into windows of at most ``MAX_ITEM_LIST_LENGTH`` items
+and fewer than ``max_seq_tokens`` tokens. One pass over every item of every history gives the state
+that predicts each of the user's items:
 
-* the training features: every ``[Q]`` whose next item is a training item,
-* the validation feature: the ``[Q]`` before the validation item,
-* the test feature: the last ``[Q]``.
+* the training features: every transition whose target is a training item,
+* the validation feature: the state before the validation item,
+* the test feature: the state before the test item (the last window is exactly the test input).
 
-RecBole's evaluation loaders (full ranking, or sampled candidates such as ``uni19``) then carry each
-user's cached state, from which the ILP scores the candidates.
+Every ``train_window`` then reads its transitions from these states: ``all`` exactly the windows the
+uncached loader runs, ``random`` and ``full`` the same transitions as their uncached windows, each
+state seen with the context of its tiled window (for histories that fit one window: the same
+states). RecBole's evaluation loaders (full ranking, or sampled candidates such as ``uni19``) carry
+each user's cached state, from which the ILP scores the candidates. The validation state sees the
+test window up to the validation item, one item fewer than RecBole's validation input when the
+history is longer than the window.
 
-Histories that fit the window give exactly the uncached path's inputs (tested). A history longer
-than the window differs slightly: the validation state then sees the window up to the validation
-item (one item fewer than RecBole's validation input) and training transitions older than the
-window are not used. Random-window augmentation does not apply either: with a causal backbone the
-full-window states already contain every prefix's state. Without multi-query (``multi_query:
-False``) a sample trains on one transition, like the uncached path's last ``[Q]``: the window's
-last, or with ``train_window: random`` one drawn at random each time (the random target; its state
-sees the whole window before it rather than a random start).
-
-The features are stored on disk under a key that hashes the backbone's weights and every model
-input (item tokens, windows, prompt, truncation), so a second run or a tuning trial reuses them
-and a cache built for another backbone, dataset or text setting is never used.
+The pass runs in bfloat16 where the hardware computes it natively (``feature_cache_dtype: auto``),
+about twice as fast on CPUs with AVX512-BF16 or AMX; the states are stored in float32. The features
+are stored on disk under a key that hashes the backbone's weights, the precision and every model
+input (item tokens, histories, prompt, limits), so a second run or a tuning trial reuses them and a
+cache built for another backbone, dataset or text setting is never used.
 """
 
 import fcntl
@@ -40,145 +40,105 @@ from recbole.data.interaction import Interaction
 from recbole.utils import set_color
 from tqdm import tqdm
 
+from recbole_st2si.data.windows import UserSequences, tile_windows
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.model.st2si import QUERY_FEATURE
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass
 class QueryFeatures:
     """Cached ``[Q]`` states.
 
-    ``train`` holds one block of rows per training sample, in the order of
-    :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`'s samples (users, then every
-    item's alignment sample); ``train_offsets[i]`` is where sample ``i``'s block starts.
-    ``valid``/``test`` are indexed by user id.
+    ``transitions`` holds, for every user of :class:`~recbole_st2si.data.windows.UserSequences` in
+    turn, the state that predicts each item ``x_1 .. x_{N-1}`` of the user's history (see
+    ``UserSequences.transition_index``); ``alignment[i - 1]`` is item ``i``'s alignment state.
     """
 
-    train: torch.Tensor
-    train_targets: torch.Tensor
-    train_offsets: torch.Tensor
-    valid: torch.Tensor
-    test: torch.Tensor
+    transitions: torch.Tensor
+    alignment: torch.Tensor
 
 
-@dataclass
-class _Windows:
-    """Per user (indexed by user id): the window that is encoded and how its ``[Q]`` are used."""
-
-    seq: torch.Tensor  # [user_num, L] items, left-aligned
-    seq_len: torch.Tensor  # [user_num]
-    target: torch.Tensor  # [user_num] item after the window
-    has_valid: torch.Tensor  # [user_num] bool
-    has_test: torch.Tensor  # [user_num] bool
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
 
 
-def _user_windows(train_data, valid_data, test_data) -> _Windows:
-    """The latest known row of every user: the test row, else the validation row, else the last training row."""
-    dataset = train_data.dataset
-    user_num, slots = dataset.user_num, dataset.inter_feat[dataset.item_id_list_field].shape[1]
-    windows = _Windows(
-        seq=torch.zeros(user_num, slots, dtype=torch.long),
-        seq_len=torch.zeros(user_num, dtype=torch.long),
-        target=torch.zeros(user_num, dtype=torch.long),
-        has_valid=torch.zeros(user_num, dtype=torch.bool),
-        has_test=torch.zeros(user_num, dtype=torch.bool),
-    )
-    for loader, flag in ((train_data, None), (valid_data, windows.has_valid), (test_data, windows.has_test)):
-        feat = loader.dataset.inter_feat
-        uid = feat[dataset.uid_field]
-        # Rows are in time order per user, so the last assignment per user wins.
-        windows.seq[uid] = feat[dataset.item_id_list_field]
-        windows.seq_len[uid] = feat[dataset.item_list_length_field]
-        windows.target[uid] = feat[dataset.iid_field]
-        if flag is not None:
-            flag[uid] = True
-    return windows
+def cache_dtype(setting, device):
+    """The precision of the frozen pass: ``auto`` is bfloat16 where the hardware has it natively."""
+    if setting == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    if setting not in CACHE_DTYPES:
+        raise UserInputError(f"feature_cache_dtype must be auto or one of {list(CACHE_DTYPES)}, got {setting!r}")
+    return CACHE_DTYPES[setting]
 
 
-def _train_users(train_data):
-    uid = train_data.dataset.inter_feat[train_data.dataset.uid_field]
-    return torch.unique_consecutive(uid)
-
-
-def _cache_key(model, windows, train_users, num_alignment):
+def _cache_key(model, sequences: UserSequences, dtype):
     digest = hashlib.sha256(f"st2si-query-features-v{CACHE_FORMAT}".encode())
     for name, tensor in model.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    inputs = [model.segment_tokens, model.segment_len, windows.seq, windows.seq_len, windows.target,
-              windows.has_valid, windows.has_test, train_users]
+    inputs = [model.segment_tokens, model.segment_len, sequences.items, sequences.offsets, sequences.num_train,
+              sequences.valid_position, sequences.test_position]
     for tensor in inputs:
         digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    digest.update(f"{model.max_seq_tokens}/{model.n_items}/{num_alignment}".encode())
+    digest.update(f"{model.max_seq_length}/{model.max_seq_tokens}/{model.n_items}/{dtype}".encode())
     return digest.hexdigest()[:32]
 
 
 @torch.inference_mode()
-def _encode(model, seq, seq_len, batch_size, desc):
-    """``[Q]`` states of each sequence, as a list of ``[len_i, H]`` tensors.
+def encoded_batches(model, seq, seq_len, batch_size, dtype, desc):
+    """Yield ``(rows, states)``: the ``[Q]`` states ``[B, width, H]`` (float32) of batches of sequences.
 
     Batches hold sequences of similar token counts, so little compute goes to padding."""
     order = torch.argsort(model.segment_len.cpu()[seq].sum(1))
-    states = [None] * len(seq)
+    device = model.device
     for start in tqdm(range(0, len(seq), batch_size), desc=desc, ncols=100):
         rows = order[start : start + batch_size]
         width = int(seq_len[rows].max())
-        batch_seq = seq[rows, :width].to(model.device)
-        batch_states, _ = model.query_states(batch_seq, seq_len[rows].to(model.device))
-        for row, state, length in zip(rows.tolist(), batch_states.float().cpu(), seq_len[rows].tolist()):
-            states[row] = state[:length]
-    return states
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            states, _ = model.query_states(seq[rows, :width].to(device), seq_len[rows].to(device))
+        yield rows, states.float().cpu()
 
 
-def compute_query_features(model, train_users, windows: _Windows, batch_size) -> QueryFeatures:
-    """Run the frozen backbone once over every window and alignment prompt; ``train_users`` in the
-    order of the training loader's user samples."""
+def compute_query_features(model, sequences: UserSequences, batch_size, dtype) -> QueryFeatures:
+    """Run the frozen backbone once over the tiled windows of every history and the alignment prompts."""
     model.eval()
-    users = torch.nonzero(windows.seq_len).squeeze(1)
-    encoded = _encode(model, windows.seq[users], windows.seq_len[users], batch_size, "Caching [Q] states")
-    per_user = dict(zip(users.tolist(), encoded))
-    hidden = encoded[0].shape[-1]
-    valid = torch.zeros(windows.seq.shape[0], hidden)
-    test = torch.zeros(windows.seq.shape[0], hidden)
+    users, starts, ends = tile_windows(sequences, model.segment_len.cpu(), model.max_seq_length, model.max_seq_tokens)
+    lengths = ends - starts
+    slots = torch.arange(int(lengths.max()) if len(lengths) else 1)
+    first_item = sequences.offsets[users] + starts
+    seq = sequences.items[(first_item[:, None] + slots).clamp(max=len(sequences.items) - 1)] * (slots < lengths[:, None])
+    first_transition = sequences.transition_index(users, starts + 1)
 
-    blocks, targets = [], []
-    for user in train_users.tolist():
-        states, length = per_user[user], int(windows.seq_len[user])
-        held_out = int(windows.has_valid[user]) + int(windows.has_test[user])
-        next_items = torch.cat([windows.seq[user, 1:length], windows.target[user : user + 1]])
-        blocks.append(states[: length - held_out])
-        targets.append(next_items[: length - held_out])
-    for user in users.tolist():
-        states, length = per_user[user], int(windows.seq_len[user])
-        if windows.has_test[user]:
-            test[user] = states[length - 1]
-        if windows.has_valid[user]:
-            valid[user] = states[length - 1 - int(windows.has_test[user])]
+    transitions = torch.zeros(int((sequences.lengths - 1).sum()), model.ilp.in_features)
+    for rows, states in encoded_batches(model, seq, lengths, batch_size, dtype, "Caching [Q] states"):
+        is_query = slots[: states.shape[1]] < lengths[rows, None]
+        destination = first_transition[rows, None] + slots[: states.shape[1]]
+        transitions[destination[is_query]] = states[is_query]
 
-    if model.n_items > 1:  # always cached, so runs with and without ID alignment share the file
-        items = torch.arange(1, model.n_items)
-        prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
-        aligned = _encode(model, prompts, torch.full_like(items, 2), batch_size, "Caching alignment [Q]")
-        blocks += [states[1:] for states in aligned]
-        targets += [item.view(1) for item in items]
-
-    sizes = torch.tensor([len(block) for block in blocks])
-    return QueryFeatures(
-        train=torch.cat(blocks),
-        train_targets=torch.cat(targets),
-        train_offsets=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
-        valid=valid,
-        test=test,
-    )
+    items = torch.arange(1, model.n_items)  # always cached, so runs with and without ID alignment share the file
+    alignment = torch.zeros(len(items), model.ilp.in_features)
+    prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
+    for rows, states in encoded_batches(model, prompts, torch.full_like(items, 2), batch_size, dtype,
+                                         "Caching alignment [Q]"):
+        alignment[rows] = states[:, 1]
+    return QueryFeatures(transitions=transitions, alignment=alignment)
 
 
-def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFeatures:
+def load_or_compute(config, model, sequences: UserSequences) -> QueryFeatures:
     """The cached features for this exact backbone and input, computed once under a file lock."""
     logger = getLogger()
-    windows = _user_windows(train_data, valid_data, test_data)
-    train_users = _train_users(train_data)
-    key = _cache_key(model, windows, train_users, model.n_items - 1)
+    dtype = cache_dtype(config["feature_cache_dtype"], model.device)
+    key = _cache_key(model, sequences, dtype)
     cache_dir = Path(config["feature_cache_dir"])
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{config['dataset']}-{key}.pt"
@@ -187,7 +147,9 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
         if path.is_file():
             logger.info(set_color("feature cache", "green") + f": reusing {path}")
             return QueryFeatures(**torch.load(path, weights_only=True))
-        features = compute_query_features(model, train_users, windows, config["feature_batch_size"])
+        logger.info(set_color("feature cache", "green") + f": encoding {len(sequences.items)} items of "
+                    f"{len(sequences.uid)} histories in {str(dtype).replace('torch.', '')}")
+        features = compute_query_features(model, sequences, config["feature_batch_size"], dtype)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(features.__dict__, temporary)
         os.replace(temporary, path)
@@ -196,18 +158,17 @@ def load_or_compute(config, model, train_data, valid_data, test_data) -> QueryFe
 
 
 class CachedQueryTrainDataLoader(AbstractDataLoader):
-    """Batches of cached ``[Q]`` states: the same samples (users and alignment items) per batch
-    as :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`, with every transition of a
-    sample in the batch (one without multi-query)."""
+    """Batches of cached ``[Q]`` states: the same samples (windows and alignment items) per batch as
+    :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`, with every transition of a window
+    in the batch (without multi-query: its last)."""
 
-    def __init__(self, config, dataset, features: QueryFeatures, shuffle=True):
-        self.features = features
-        self.one_transition_per_sample = not config["multi_query"]
-        self.random_transition = config["train_window"] == "random"
-        self.transition_generator = torch.Generator().manual_seed(config["seed"])
-        alignment_samples = dataset.item_num - 1
-        self.sample_size = len(features.train_offsets) - 1 - (0 if config["id_alignment"] else alignment_samples)
+    def __init__(self, config, dataset, features: QueryFeatures, windows, shuffle=True):
+        self.features, self.windows = features, windows
+        self.multi_query = config["multi_query"]
+        self.num_window_samples = len(windows)
+        self.sample_size = len(windows) + (dataset.item_num - 1 if config["id_alignment"] else 0)
         super().__init__(config, dataset, None, shuffle=shuffle)
+        self.window_generator = torch.Generator().manual_seed(config["seed"])
 
     def _init_batch_size_and_step(self):
         self.step = self.config["train_batch_size"]
@@ -215,17 +176,19 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
 
     def collate_fn(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
-        starts, ends = self.features.train_offsets[index], self.features.train_offsets[index + 1]
-        sizes = ends - starts
-        if not self.one_transition_per_sample:
-            rows = torch.repeat_interleave(starts - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
-        elif self.random_transition:
-            rows = starts + (torch.rand(len(index), generator=self.transition_generator) * sizes).long()
-        else:
-            rows = ends - 1
-        return Interaction(
-            {QUERY_FEATURE: self.features.train[rows], self._dataset.iid_field: self.features.train_targets[rows]}
-        )
+        is_window = index < self.num_window_samples
+        users, starts, targets = self.windows.windows(index[is_window], self.window_generator)
+        first = starts + 1 if self.multi_query else targets
+        sizes = targets - first + 1
+        sequences = self.windows.sequences
+        first_row = sequences.transition_index(users, first)
+        rows = torch.repeat_interleave(first_row - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
+        row_users = torch.repeat_interleave(users, sizes)
+        items = index[~is_window] - self.num_window_samples + 1
+        return Interaction({
+            QUERY_FEATURE: torch.cat([self.features.transitions[rows], self.features.alignment[items - 1]]),
+            self._dataset.iid_field: torch.cat([sequences.transition_items(rows, row_users), items]),
+        })
 
 
 class _CachedQueryFeatureMixin:
@@ -255,6 +218,15 @@ def uses_feature_cache(config):
     return config["model"] == "ST2SI" and config["train_stage"] == "ilp" and bool(config["feature_cache"])
 
 
+def _held_out_states(features, sequences: UserSequences, positions, user_num):
+    """``[user_num, H]``: by user id, the cached state that predicts the held-out item at ``positions``."""
+    by_user = torch.zeros(user_num, features.transitions.shape[1])
+    users = torch.nonzero(positions >= 0).squeeze(1)
+    rows = sequences.transition_index(users, positions[users])
+    by_user[sequences.uid[users]] = features.transitions[rows]
+    return by_user
+
+
 def _cached_eval_loader(config, loader, features_by_user):
     """The cached twin of a RecBole evaluation loader: same protocol, same sampler."""
     if isinstance(loader, FullSortEvalDataLoader):
@@ -264,6 +236,11 @@ def _cached_eval_loader(config, loader, features_by_user):
 
 def cached_dataloaders(config, model, train_data, valid_data, test_data):
     """Replace the three dataloaders by ones that serve cached ``[Q]`` states to the ILP."""
-    features = load_or_compute(config, model, train_data, valid_data, test_data)
-    train = CachedQueryTrainDataLoader(config, train_data.dataset, features, shuffle=config["shuffle"])
-    return train, _cached_eval_loader(config, valid_data, features.valid), _cached_eval_loader(config, test_data, features.test)
+    windows = train_data.windows
+    sequences = windows.sequences
+    features = load_or_compute(config, model, sequences)
+    user_num = train_data.dataset.user_num
+    train = CachedQueryTrainDataLoader(config, train_data.dataset, features, windows, shuffle=config["shuffle"])
+    valid = _cached_eval_loader(config, valid_data, _held_out_states(features, sequences, sequences.valid_position, user_num))
+    test = _cached_eval_loader(config, test_data, _held_out_states(features, sequences, sequences.test_position, user_num))
+    return train, valid, test

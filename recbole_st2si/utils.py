@@ -97,5 +97,6 @@ def data_preparation(config, dataset):
     """RecBole's split and evaluation dataloaders; ST2SI trains on its multi-query loader instead."""
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if config["model"] in PLUGIN_MODELS:
-        train_data = ST2SITrainDataLoader(config, train_data._dataset, shuffle=config["shuffle"])
+        held_out = [loader._dataset for loader in (valid_data, test_data) if loader is not None]
+        train_data = ST2SITrainDataLoader(config, train_data._dataset, shuffle=config["shuffle"], held_out_datasets=held_out)
     return train_data, valid_data, test_data

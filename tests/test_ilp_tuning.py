@@ -23,7 +23,8 @@ def build(config):
 
 
 def ilp_settings(tmp_path, **overrides):
-    entries = dict(train_stage="ilp", train_window="full", MAX_ITEM_LIST_LENGTH=50, feature_cache_dir=str(tmp_path / "cache"))
+    entries = dict(train_stage="ilp", train_window="all", MAX_ITEM_LIST_LENGTH=50, feature_cache_dtype="fp32",
+                   feature_cache_dir=str(tmp_path / "cache"))
     entries.update(overrides)
     return entries
 
@@ -32,9 +33,19 @@ def ilp_config(make_config, tmp_path, **overrides):
     return make_config(**ilp_settings(tmp_path, **overrides))
 
 
+def epoch_losses(model, plain_train, cached_train):
+    """The loss of one batch holding every sample of an epoch, without and with the cache."""
+    index = list(range(plain_train.sample_size))
+    assert cached_train.sample_size == plain_train.sample_size
+    with torch.no_grad():
+        return model.calculate_loss(plain_train.collate_fn(index)), model.calculate_loss(cached_train.collate_fn(index))
+
+
+@pytest.mark.parametrize("train_window", ["all", "full"])
 @pytest.mark.parametrize("multi_query", [True, False])
-def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path, multi_query):
-    config = ilp_config(make_config, tmp_path, multi_query=multi_query)
+def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path, multi_query, train_window):
+    """Histories that fit one window: the cache reproduces every training, validation and test input."""
+    config = ilp_config(make_config, tmp_path, multi_query=multi_query, train_window=train_window)
     model, (train_data, valid_data, test_data) = build(config)
     cached_train, cached_valid, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
     model.eval()
@@ -48,6 +59,50 @@ def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path
                 assert torch.allclose(
                     model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
                 )
+
+
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_cached_random_windows_train_on_the_uncached_draws_transitions(make_config, tmp_path, multi_query):
+    """A random window starts inside the history, which the cached states (read from the start) do
+    not; the transitions, drawn by generators with the same seed, are the same."""
+    config = ilp_config(make_config, tmp_path, train_window="random", id_alignment=False, multi_query=multi_query)
+    model, (train_data, valid_data, test_data) = build(config)
+    cached_train = cached_dataloaders(config, model, train_data, valid_data, test_data)[0]
+    index = list(range(train_data.sample_size))
+    for _ in range(2):
+        plain = train_data.collate_fn(index)
+        targets = []
+        for row in range(len(plain)):
+            seq = plain["item_id_list"][row, : plain["item_length"][row]].tolist() + [int(plain["item_id"][row])]
+            targets += seq[1:] if multi_query else seq[-1:]
+        assert cached_train.collate_fn(index)["item_id"].tolist() == targets
+
+
+@pytest.mark.parametrize("max_seq_tokens", [1024, 14])
+def test_long_histories_use_every_transition_once_with_the_uncached_windows(make_config, tmp_path, max_seq_tokens):
+    """Histories of 8 to 14 items in windows of at most 4 items (and, with 14 tokens, of 2 to 3 items):
+    the cache trains on exactly the uncached windows' transitions, never on the state of an item the
+    token limit dropped, and its test states are the test inputs' states."""
+    config = ilp_config(make_config, tmp_path, MAX_ITEM_LIST_LENGTH=4, max_seq_tokens=max_seq_tokens)
+    model, (train_data, valid_data, test_data) = build(config)
+    cached_train, _, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
+    model.eval()
+    uncached, cached = epoch_losses(model, train_data, cached_train)
+    assert torch.allclose(cached, uncached, atol=1e-5)
+    with torch.no_grad():
+        for plain_batch, cached_batch in zip(test_data, cached_test):
+            assert torch.allclose(model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4)
+
+
+def test_bf16_cache_stays_close_to_float32(make_config, tmp_path):
+    states = {}
+    for dtype in ("fp32", "bf16"):
+        config = ilp_config(make_config, tmp_path, feature_cache_dtype=dtype)
+        model, loaders = build(config)
+        states[dtype] = cached_dataloaders(config, model, *loaders)[0].features.transitions
+    cosine = torch.nn.functional.cosine_similarity(states["bf16"], states["fp32"], dim=1)
+    assert cosine.min() > 0.999 and not torch.equal(states["bf16"], states["fp32"])
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the precision is part of the key
 
 
 def test_cached_features_serve_the_sampled_uni19_evaluation(make_config, tmp_path):
@@ -72,7 +127,7 @@ def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp
     files = sorted((tmp_path / "cache").glob("*.pt"))
     assert len(files) == 1
     again = cached_dataloaders(config, model, *loaders)[0].features
-    assert torch.equal(first.train, again.train) and sorted((tmp_path / "cache").glob("*.pt")) == files
+    assert torch.equal(first.transitions, again.transitions) and sorted((tmp_path / "cache").glob("*.pt")) == files
 
     shorter_text = ilp_config(make_config, tmp_path, max_attr_tokens=1)
     cached_dataloaders(shorter_text, *build_pair(shorter_text))
@@ -91,24 +146,26 @@ def test_runs_with_and_without_id_alignment_share_the_cache(make_config, tmp_pat
     plain_train, cached_train = loaders[0], cached_dataloaders(without, model, *loaders)[0]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert cached_train.sample_size == plain_train.sample_size == aligned.sample_size - (plain_train.dataset.item_num - 1)
-    index = list(range(cached_train.sample_size))
-    with torch.no_grad():
-        model.eval()
-        assert torch.allclose(model.calculate_loss(cached_train.collate_fn(index)),
-                              model.calculate_loss(plain_train.collate_fn(index)), atol=1e-5)
+    model.eval()
+    uncached, cached = epoch_losses(model, plain_train, cached_train)
+    assert torch.allclose(cached, uncached, atol=1e-5)
 
 
 def test_without_multi_query_random_windows_train_one_random_transition_per_sample(make_config, tmp_path):
-    config = ilp_config(make_config, tmp_path, multi_query=False, train_window="random")
+    config = ilp_config(make_config, tmp_path, multi_query=False, train_window="random", id_alignment=False)
     model, loaders = build(config)
     cached_train = cached_dataloaders(config, model, *loaders)[0]
-    features, index = cached_train.features, list(range(cached_train.sample_size))
-    features.train = torch.arange(len(features.train), dtype=torch.float)[:, None]  # each state names its row
+    features, sequences = cached_train.features, cached_train.windows.sequences
+    features.transitions = torch.arange(len(features.transitions), dtype=torch.float)[:, None]  # states name their row
+    features.alignment = features.alignment[:, :1]
+    users = cached_train.windows.users
+    first = sequences.transition_index(users, torch.ones_like(users))
+    last = sequences.transition_index(users, sequences.num_train[users] - 1)  # the last training target
+    index = list(range(cached_train.sample_size))
     draws = [cached_train.collate_fn(index)[QUERY_FEATURE].long().flatten() for _ in range(2)]
-    starts, ends = features.train_offsets[:-1], features.train_offsets[1:]
     for rows in draws:
-        assert ((starts <= rows) & (rows < ends)).all()  # one transition of each sample
-    assert not torch.equal(draws[0], draws[1]) and (draws[0] < ends - 1).any()  # not always the last
+        assert len(rows) == len(users) and ((first <= rows) & (rows <= last)).all()  # one training transition each
+    assert not torch.equal(draws[0], draws[1]) and (draws[0] < last).any()  # not always the last
 
 
 def build_pair(config):

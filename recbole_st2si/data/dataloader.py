@@ -1,20 +1,32 @@
-"""The multi-query training dataloader: one sample per user sequence, plus ID-alignment samples."""
+"""The multi-query training dataloader: one window per sample, plus ID-alignment samples."""
 
 import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
 
+from recbole_st2si.data.windows import TrainingWindows, user_sequences
+
+
+def training_windows(config, dataset, held_out_datasets):
+    """The :class:`TrainingWindows` of ``train_window`` over the users' histories; the validation and
+    test rows complete each history, so that the windows of ``all`` end at the test item."""
+    sequences = user_sequences(dataset, *held_out_datasets)
+    return TrainingWindows(
+        config["train_window"],
+        sequences,
+        segment_len=dataset.item_token_len + 1,
+        max_items=config["MAX_ITEM_LIST_LENGTH"],
+        max_tokens=config["max_seq_tokens"],
+    )
+
 
 class ST2SITrainDataLoader(AbstractDataLoader):
-    """Emits one sample per user per epoch instead of RecBole's one row per prefix.
+    """Emits windows of the users' histories (see :mod:`recbole_st2si.data.windows`) instead of
+    RecBole's one row per prefix.
 
-    RecBole's sequential training set holds, for every user, one row per training target with the
-    (at most ``MAX_ITEM_LIST_LENGTH``) items before it. ST2SI puts a query after *every* item, so
-    the row with the user's last training target already carries all of the user's transitions:
-
-    * ``train_window: full`` uses that row;
-    * ``train_window: random`` (the authors' augmentation) draws, each epoch, a random target row of
-      the user and a random start inside its history, so the model sees different sub-sequences.
+    RecBole's sequential training set holds, for every user, one row per training target with the (at
+    most ``MAX_ITEM_LIST_LENGTH``) items before it. ST2SI puts a query after *every* item, so a window
+    ``x_s .. x_{t-1} -> x_t`` is the row of target ``t`` without its items before ``x_s``.
 
     With ``id_alignment: true`` every item also appears once per epoch as an alignment sample
     ``alignment_prompt + item text + [Q] -> item``, encoded as the two-item sequence
@@ -22,28 +34,18 @@ class ST2SITrainDataLoader(AbstractDataLoader):
     the last real item). Both kinds are shuffled together into the same batches.
     """
 
-    def __init__(self, config, dataset, sampler=None, shuffle=True):
-        uid = dataset.inter_feat[dataset.uid_field]
-        _, rows_per_user = torch.unique_consecutive(uid, return_counts=True)
-        self.user_row_end = rows_per_user.cumsum(0)
-        self.user_row_count = rows_per_user
+    def __init__(self, config, dataset, sampler=None, shuffle=True, held_out_datasets=()):
+        self.windows = training_windows(config, dataset, held_out_datasets)
+        self.windows.log_coverage(config["multi_query"])
         self.item_seq = dataset.inter_feat[dataset.item_id_list_field]
         self.item_seq_len = dataset.inter_feat[dataset.item_list_length_field]
         self.target = dataset.inter_feat[dataset.iid_field]
-        self.random_window = config["train_window"] == "random"
-        self.num_user_samples = len(rows_per_user)
+        self.num_user_samples = len(self.windows)
         self.num_alignment_samples = dataset.item_num - 1 if config["id_alignment"] else 0
         self.prompt_item_id = dataset.item_num
         self.sample_size = self.num_user_samples + self.num_alignment_samples
-        self._check_sorted(uid)
         super().__init__(config, dataset, sampler, shuffle=shuffle)
         self.window_generator = torch.Generator().manual_seed(config["seed"])
-
-    @staticmethod
-    def _check_sorted(uid):
-        # RecBole's data augmentation sorts by (user, time); consecutive rows of a user are required here.
-        if len(torch.unique_consecutive(uid)) != len(torch.unique(uid)):
-            raise ValueError("training rows must be grouped by user (RecBole's sequential augmentation sorts them)")
 
     def _init_batch_size_and_step(self):
         batch_size = self.config["train_batch_size"]
@@ -53,26 +55,21 @@ class ST2SITrainDataLoader(AbstractDataLoader):
     def collate_fn(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
         is_user = index < self.num_user_samples
-        user_part = self._user_samples(index[is_user])
+        user_part = self._window_samples(index[is_user])
         alignment_part = self._alignment_samples(index[~is_user] - self.num_user_samples + 1)
         return Interaction({key: torch.cat([user_part[key], alignment_part[key]]) for key in user_part})
 
-    def _user_samples(self, users):
-        last_row = self.user_row_end[users] - 1
-        if not self.random_window:
-            return self._rows(last_row, start=torch.zeros_like(last_row))
-        count = self.user_row_count[users]
-        row = last_row - (torch.rand(len(users), generator=self.window_generator) * count).long()
-        start = (torch.rand(len(users), generator=self.window_generator) * self.item_seq_len[row]).long()
-        return self._rows(row, start)
-
-    def _rows(self, row, start):
-        """The histories of ``row`` with their first ``start`` items removed (kept left-aligned)."""
+    def _window_samples(self, index):
+        """The row of each window's target, without the items before the window's start."""
+        users, starts, targets = self.windows.windows(index, self.window_generator)
+        row = self.windows.sequences.train_row[users] + targets - 1
+        row_first_item = (targets - self.item_seq.shape[1]).clamp(min=0)
+        drop = starts - row_first_item
         seq, seq_len = self.item_seq[row], self.item_seq_len[row]
         width = seq.shape[1]
-        shifted = start[:, None] + torch.arange(width)
+        shifted = drop[:, None] + torch.arange(width)
         seq = seq.gather(1, shifted.clamp(max=width - 1)) * (shifted < seq_len[:, None])
-        return self._samples(seq, seq_len - start, self.target[row])
+        return self._samples(seq, seq_len - drop, self.target[row])
 
     def _alignment_samples(self, items):
         seq = torch.zeros(len(items), self.item_seq.shape[1], dtype=torch.long)
