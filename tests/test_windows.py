@@ -1,5 +1,6 @@
 """Training windows: histories rebuilt from RecBole's rows, the tiling of ``all``, the authors' sampler."""
 
+import logging
 from collections import Counter
 from fractions import Fraction
 
@@ -116,3 +117,13 @@ def test_random_windows_follow_the_authors_distribution(max_items):
 def test_unknown_train_window_is_a_clear_error(make_config):
     with pytest.raises(UserInputError, match="train_window must be one of"):
         loaders(make_config(train_window="everything"))
+
+
+@pytest.mark.parametrize("train_window, share", [("all", lambda n: n - 1), ("full", lambda n: min(n - 1, 4))])
+def test_the_log_says_how_many_training_transitions_an_epoch_uses(make_config, caplog, train_window, share):
+    inter = pd.read_csv(DATA_DIR / "tiny" / "tiny.inter", sep="\t", dtype=str)
+    train_items = inter.iloc[:, 0].value_counts() - 2  # leave-one-out: two items held out per user
+    total, used = int((train_items - 1).sum()), sum(share(n) for n in train_items)
+    with caplog.at_level(logging.INFO):
+        loaders(make_config(train_window=train_window, MAX_ITEM_LIST_LENGTH=4))
+    assert f"an epoch trains on {used} of the {total} training transitions ({100 * used / total:.1f}%)" in caplog.text
