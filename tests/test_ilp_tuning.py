@@ -232,3 +232,10 @@ def test_several_domains_are_merged_for_pretraining(make_config, tmp_path):
     assert config["dataset"] == "Alpha+Beta"
     dataset = create_dataset(config)
     assert dataset.item_num - 1 == 80 and dataset.user_num - 1 == 60  # ids kept apart per domain
+
+
+def test_frozen_ilp_rate_comes_from_the_config_and_a_trained_backbone_shares_its_rate(make_config):
+    assert make_config(train_stage="ilp")["ilp_learning_rate"] == pytest.approx(3e-4)  # the authors' default
+    assert make_config(train_stage="ilp", frozen_ilp_learning_rate=2e-3)["ilp_learning_rate"] == pytest.approx(2e-3)
+    full = make_config(train_stage="full", frozen_ilp_learning_rate=2e-3, learning_rate=7e-5)
+    assert full["ilp_learning_rate"] == pytest.approx(7e-5)

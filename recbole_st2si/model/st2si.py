@@ -28,8 +28,7 @@ QUERY_FEATURE = "query_feature"
 """Interaction field holding precomputed ``[Q]`` hidden states (frozen-backbone ILP tuning)."""
 
 TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
-FROZEN_ILP_LEARNING_RATE = 3e-4  # the authors' rate for ILP-only tuning without pre-training...
-PRETRAINED_ILP_LEARNING_RATE = 1e-4  # ...and after pre-training
+PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
 
 
 def resolve_auto_settings(config):
@@ -37,7 +36,8 @@ def resolve_auto_settings(config):
 
     ``train_stage: auto`` becomes ``full`` on a GPU and ``ilp`` on CPU, where fine-tuning a
     language model is impractically slow; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
-    the backbone trains and is the authors' ILP-only rate (lower after pre-training) when it is frozen.
+    the backbone trains; when it is frozen it is ``frozen_ilp_learning_rate`` (the authors' 3e-4 by
+    default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after pre-training.
     """
     if config["train_stage"] == "auto":
         config["train_stage"] = "full" if config["device"].type == "cuda" else "ilp"
@@ -47,7 +47,7 @@ def resolve_auto_settings(config):
         elif config["pretrained_backbone"]:
             config["ilp_learning_rate"] = PRETRAINED_ILP_LEARNING_RATE
         else:
-            config["ilp_learning_rate"] = FROZEN_ILP_LEARNING_RATE
+            config["ilp_learning_rate"] = config["frozen_ilp_learning_rate"]
 
 
 def with_lora_adapters(backbone, config):
