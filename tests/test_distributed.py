@@ -43,7 +43,6 @@ def recording_rank(local_rank, record_dir, *run_rank_args):
 
 
 def test_two_gloo_processes_split_the_samples_and_gather_the_metrics(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # the ranks' RecBole reads the argv they inherit
     settings = {
         "data_path": str(DATA_DIR),
         "llm_path": "tiny-random",
@@ -67,15 +66,15 @@ def test_command_line_nproc_starts_the_distributed_run(monkeypatch, capsys):
     script = runpy.run_path(str(REPO / "run_recbole_st2si.py"))
     calls = []
 
-    def launch(model, dataset, config_files, **options):
-        calls.append((model, dataset, config_files, options))
+    def launch(model, dataset, config_files, config_dict, **options):
+        calls.append((model, dataset, config_files, config_dict, options))
         return {"best_valid_result": {"ndcg@10": 0.5}, "test_result": {"ndcg@10": 0.25}}
 
     monkeypatch.setitem(script["main"].__globals__, "run_recbole_st2si_distributed", launch)
-    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", "--dataset=tiny", "--nproc=2", "--port=6000"])
+    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", "--dataset=tiny", "--nproc=2", "--port=6000", "--epochs=3"])
     script["main"]()
     options = {"nproc": 2, "world_size": -1, "ip": "localhost", "port": "6000", "offset": 0}
-    assert calls == [("ST2SI", "tiny", None, options)]
+    assert calls == [("ST2SI", "tiny", [], {"epochs": "3"}, options)]
     assert "test result: {'ndcg@10': 0.25}" in capsys.readouterr().out
 
 
