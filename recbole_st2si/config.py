@@ -23,7 +23,7 @@ def plugin_defaults_files(model_name, dataset_name, plugin_model):
     A plugin model without its defaults, or a missing ``overall.yaml``, means a broken installation."""
     files = [OVERALL_DEFAULTS]
     model_file = MODEL_DEFAULTS_DIR / f"{model_name}.yaml"
-    if plugin_model:
+    if plugin_model or model_file.is_file():
         files.append(model_file)
     missing = [str(file) for file in files if not file.is_file()]
     if missing:

@@ -15,6 +15,7 @@ from recbole_st2si.feature_cache import (
 )
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
 
 from .conftest import DATA_DIR, write_domains
@@ -250,3 +251,34 @@ def test_frozen_ilp_rate_comes_from_the_config_and_a_trained_backbone_shares_its
     assert make_config(train_stage="ilp", frozen_ilp_learning_rate=2e-3)["ilp_learning_rate"] == pytest.approx(2e-3)
     full = make_config(train_stage="full", frozen_ilp_learning_rate=2e-3, learning_rate=7e-5)
     assert full["ilp_learning_rate"] == pytest.approx(7e-5)
+
+
+def test_lora_checkpoint_reloads_to_the_same_scores(settings, tmp_path):
+    """A LoRA run's checkpoint holds the adapters and the ILP only; loaded into a fresh model (same
+    backbone file) it gives the trained model's scores, which differ from the untrained model's."""
+    config_dict = settings(train_stage="lora", lora_r=2, learning_rate=1e-2, warmup_steps=0, gradient_accumulation_steps=1)
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=config_dict, checkpoint_file=tmp_path / "lora.pth")
+    trained = result["trainer"]
+    saved = torch.load(tmp_path / "lora.pth", weights_only=True)["state_dict"]
+    assert saved and all("lora_" in name or name == "ilp.weight" for name in saved)
+
+    config = result["config"]
+    fresh, (_, _, test_data) = build(config)
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        untrained = fresh.eval().full_sort_predict(batch)
+        ST2SITrainer(config, fresh).load_checkpoint(tmp_path / "lora.pth")
+        expected = trained.model.eval().full_sort_predict(batch)
+        assert torch.allclose(fresh.eval().full_sort_predict(batch), expected, atol=1e-5)
+        assert not torch.allclose(untrained, expected, atol=1e-3)
+
+
+def test_ilp_run_trains_on_the_cache_and_saves_the_best_ilp(settings, tmp_path):
+    """The trainer builds the cache from the training loader, trains and tests the ILP on cached
+    states, and saves the best ILP: the file equals the ILP of the reloaded best checkpoint."""
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(**ilp_settings(tmp_path, epochs=2)))
+    trainer = result["trainer"]
+    assert trainer.feature_cache is not None and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    ilp = torch.load(tmp_path / "saved" / "ST2SI-tiny-ilp.pth", weights_only=True)
+    best = torch.load(trainer.saved_model_file, weights_only=True)["state_dict"]
+    assert torch.equal(ilp["weight"], best["ilp.weight"])
