@@ -1,6 +1,6 @@
 """Speed of the feature cache's frozen pass against the bare backbone forward on the same tokens.
 
-    python benchmarks/cache_speed.py --dataset=ml-100k --windows=96
+    python benchmarks/feature_cache_pass_speed.py --dataset=ml-100k --windows=96
 
 Takes ``--windows`` windows at random from the ones the cache encodes (``train_window: all``
 tiling of every history), then, in this one process and on the same batches, times
