@@ -57,6 +57,7 @@ def test_cli_trains_and_tests_on_the_tiny_dataset(model, extra, expected, tmp_pa
         (["--dataset=tiny", "--llm_path=/no/such/model"], "could not load the tokenizer"),
         (["--dataset=tiny", "--text_fields=['colour']"], "has no item field(s) ['colour']"),
         (["--model=NoSuchModel", "--dataset=tiny"], "unknown model 'NoSuchModel'"),
+        (["--dataset=tiny", "epochs=2"], "unrecognized argument 'epochs=2'"),
     ],
 )
 def test_cli_reports_user_errors_in_one_line(args, message, tmp_path):
