@@ -13,7 +13,8 @@ import shlex
 import sys
 
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.tuning import TuningFailed, parse_overrides, run_tuning
+from recbole_st2si.command_line import parse_overrides, split_list
+from recbole_st2si.tuning import TuningFailed, run_tuning
 
 
 def build_parser():
@@ -45,7 +46,7 @@ def main(argv=None):
             args.model,
             args.dataset,
             args.params_file,
-            args.config_files.replace(",", " ").split() if args.config_files else None,
+            split_list(args.config_files or ""),
             parse_overrides(settings),
             num_samples=args.num_samples,
             search=args.search,

@@ -5,12 +5,13 @@
     python run_recbole_st2si.py --model=ST2SI --dataset=Scientific --data_path=dataset --train_stage=full
     python run_recbole_st2si.py --model=ST2SI --dataset=ml-100k --nproc=2     # DDP: 2 GPUs (gloo on CPU)
 
-Any other ``--key=value`` overrides a RecBole/ST2SI setting (see properties/*.yaml).
+Any other ``--key=value`` overrides a RecBole/ST2SI setting (see recbole_st2si/properties/).
 """
 
 import argparse
 import sys
 
+from recbole_st2si.command_line import parse_overrides, split_list
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si, run_recbole_st2si_distributed
 
@@ -25,14 +26,15 @@ def main():
     parser.add_argument("--ip", default="localhost", help="address of the machine running global rank 0")
     parser.add_argument("--port", default="5678", help="free port on that machine")
     parser.add_argument("--offset", type=int, default=0, help="global rank of this machine's first process")
-    args, _ = parser.parse_known_args()
-    config_files = args.config_files.replace(",", " ").split() if args.config_files else None
+    args, settings = parser.parse_known_args()
+    config_files = split_list(args.config_files or "")
     try:
+        settings = parse_overrides(settings)
         if args.nproc == 1 and args.world_size <= 0:
-            result = run_recbole_st2si(args.model, args.dataset, config_file_list=config_files)
+            result = run_recbole_st2si(args.model, args.dataset, config_files, settings)
         else:
             result = run_recbole_st2si_distributed(
-                args.model, args.dataset, config_files, nproc=args.nproc, world_size=args.world_size,
+                args.model, args.dataset, config_files, settings, nproc=args.nproc, world_size=args.world_size,
                 ip=args.ip, port=args.port, offset=args.offset,
             )
     except UserInputError as error:

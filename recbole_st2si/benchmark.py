@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_st2si.command_line import parse_overrides, split_list
 from recbole_st2si.errors import UserInputError
 
 DEFAULT_MODELS = ("ST2SI", "SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec")
@@ -129,20 +130,14 @@ def build_parser():
     return parser
 
 
-def split_list(text):
-    return [item for item in text.replace(",", " ").split() if item]
-
-
-def parse_overrides(extra):
-    """``--key=value`` for every model and ``--Scope.key=value`` for one model or variant."""
+def scoped_overrides(extra):
+    """``--key=value`` for every model and ``--Scope.key=value`` for one model or variant, by scope
+    (``""``: every model)."""
     overrides = {}
-    for argument in extra:
-        if not argument.startswith("--") or "=" not in argument:
-            raise UserInputError(f"unrecognized argument {argument!r}: settings are given as --key=value")
-        key, value = argument[2:].split("=", 1)
-        scope, _, key = key.rpartition(".")
+    for scoped_key, value in parse_overrides(extra).items():
+        scope, _, key = scoped_key.rpartition(".")
         if not key:
-            raise UserInputError(f"empty setting name in {argument!r}")
+            raise UserInputError(f"empty setting name in --{scoped_key}={value}")
         if key in RESERVED_KEYS:
             raise UserInputError(f"{key} is set by the benchmark: use {RESERVED_KEYS[key]}")
         overrides.setdefault(scope, {})[key] = value
@@ -182,12 +177,16 @@ def scoped_seeds(overrides):
     }
 
 
-def parse_stages(text):
-    """ST2SI train stages; by default the one ST2SI picks itself (``auto``) on this machine."""
-    from recbole_st2si.model.st2si import TRAIN_STAGES
+def parse_stages(text, models):
+    """Train stages of the models that have them (ST2SI); by default the one ``train_stage: auto``
+    picks on this machine."""
+    from recbole_st2si.model.st2si import auto_train_stage
 
-    stages = split_list(text) if text is not None else ["full" if torch.cuda.is_available() else "ilp"]
-    allowed = [stage for stage in TRAIN_STAGES if stage != "pretrain"]
+    staged = [model for model in models if stage_names(model)]
+    if not staged:
+        return []
+    stages = split_list(text) if text is not None else [auto_train_stage("cuda" if torch.cuda.is_available() else "cpu")]
+    allowed = [stage for stage in stage_names(staged[0]) if stage != "pretrain"]
     unknown = [stage for stage in stages if stage not in allowed]
     if unknown or not stages:
         raise UserInputError(f"--st2si_stages must be a comma-separated subset of {allowed}, got {text!r}")
@@ -215,17 +214,24 @@ def prepare_output(path):
 # --- planning and running ------------------------------------------------------------------------
 
 
+def stage_names(model):
+    """The train stages a model runs as rows of their own (its class's ``train_stages``), or ()."""
+    from recbole_st2si.utils import get_model
+
+    return getattr(get_model(model), "train_stages", ())
+
+
 def plan_variants(models, stages, ablation):
-    """The table's rows: every model, ST2SI once per train stage (and ablation variant)."""
+    """The table's rows: every model, a model with train stages (ST2SI) once per stage (and ablation variant)."""
     ablations = ABLATIONS if ablation else {"": {}}
     variants = []
     for model in models:
-        if model != "ST2SI":
+        if not stage_names(model):
             variants.append(Variant(model, model))
             continue
         for stage in stages:
             for suffix, settings in ablations.items():
-                variants.append(Variant(f"ST2SI-{stage}{suffix}", model, {"train_stage": stage, **settings}))
+                variants.append(Variant(f"{model}-{stage}{suffix}", model, {"train_stage": stage, **settings}))
     return variants
 
 
@@ -613,9 +619,9 @@ def write_report(results_dir, records, protocol, command, dataset):
 def make_plan(argv):
     """Read and check the command line; returns the options, output folder and run requests."""
     args, extra = build_parser().parse_known_args(argv)
-    overrides = parse_overrides(extra)
+    overrides = scoped_overrides(extra)
     models = parse_models(args.models, args.ablation)
-    stages = parse_stages(args.st2si_stages) if "ST2SI" in models else []
+    stages = parse_stages(args.st2si_stages, models)
     seeds = parse_seeds(args.seeds)
     seeds_by_scope = scoped_seeds(overrides)
     config_files = parse_config_files(args.config_files)

@@ -1,7 +1,6 @@
 """One benchmark run in its own process: ``python -m recbole_st2si.benchmark_worker < spec.json``.
 
-The run's description comes on stdin, not on the command line, because RecBole's ``Config`` turns
-every ``--key=value`` argument of the process into a setting. The worker trains and tests one model
+The run's description (the request with its nested settings) comes as one JSON document on stdin. The worker trains and tests one model
 through :func:`recbole_st2si.quick_start.run_recbole_st2si` (S3Rec: pre-training, then
 fine-tuning), and writes one JSON file with the results, timings, epochs, parameter counts, the
 evaluation settings the benchmark compares across runs, and the run's configuration.
@@ -144,11 +143,11 @@ def plain(value):
 
 
 def run_configuration(config, model_name):
-    """The entries that define this run: everything set by a file, the benchmark or the user,
-    the model's own hyper-parameters, and the main training settings; no machine paths."""
+    """The entries that define this run: everything set by the plugin's defaults, a file, the
+    benchmark or the user, the model's own hyper-parameters, and the main training settings; no machine paths."""
     model_file = Path(recbole.__file__).parent / "properties" / "model" / f"{model_name}.yaml"
     model_defaults = yaml.safe_load(model_file.read_text()) if model_file.is_file() else {}
-    keys = set(config.external_config_dict) | set(model_defaults) | set(TRAINING_KEYS) | set(EVALUATION_KEYS)
+    keys = set(config.plugin_config_dict) | set(config.external_config_dict) | set(model_defaults) | set(TRAINING_KEYS) | set(EVALUATION_KEYS)
     return {key: plain(config[key]) for key in sorted(keys - MACHINE_KEYS) if key in config}
 
 

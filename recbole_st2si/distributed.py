@@ -1,67 +1,9 @@
-"""The plugin's :class:`Config`, and multi-process (DDP) training with RecBole's own ``nproc``,
-``world_size``, ``ip``, ``port`` and ``offset`` settings: NCCL on GPUs as in RecBole, and gloo on
-CPUs, where RecBole's set-up fails."""
+"""Multi-process (DDP) training with RecBole's own ``nproc``, ``world_size``, ``ip``, ``port`` and
+``offset`` settings: NCCL on GPUs as in RecBole, and gloo on CPUs, where RecBole's set-up fails
+(:class:`~recbole_st2si.config.PluginConfig` starts the gloo process group)."""
 
-from pathlib import Path
-
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
-from recbole.config import Config
-
-PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
-
-
-def _list_settings():
-    """Plugin settings given as lists: those with a list default, and ``lora_target_modules`` (default ``~``)."""
-    names = {"lora_target_modules"}
-    for file in ("overall.yaml", "ST2SI.yaml"):
-        defaults = yaml.safe_load((PROPERTIES_DIR / file).read_text())
-        names |= {name for name, value in defaults.items() if isinstance(value, list)}
-    return names
-
-
-LIST_SETTINGS = _list_settings()
-
-
-def _as_list(value):
-    """``[a,b]``, ``a,b``, ``"['a', 'b']"`` or ``a`` as a list: RecBole's ``eval`` keeps them strings."""
-    if isinstance(value, str):
-        items = (item.strip(" '\"") for item in value.strip(" '\"[]").split(","))
-        return [item for item in items if item]
-    return list(value) if isinstance(value, tuple) else value
-
-
-class PluginConfig(Config):
-    """RecBole's :class:`Config`; list settings accept ``a,b`` and ``[a,b]``; a distributed run without
-    CUDA gets gloo and the CPU.
-
-    For a distributed run RecBole's ``_init_device`` asserts that ``gpu_id`` names ``nproc`` GPUs,
-    starts an NCCL process group and puts rank ``r`` on ``cuda:r``: all three fail on a CPU-only
-    machine (or with ``use_gpu: False``). Single-process runs and GPU runs are left to RecBole.
-    """
-
-    def _get_final_config_dict(self):
-        settings = super()._get_final_config_dict()
-        for name in LIST_SETTINGS & settings.keys():
-            settings[name] = _as_list(settings[name])
-        return settings
-
-    def _init_device(self):
-        settings = self.final_config_dict
-        if "local_rank" not in settings or (settings["use_gpu"] and torch.cuda.device_count() > 0):
-            super()._init_device()
-            return
-        dist.init_process_group(
-            backend="gloo",
-            rank=settings["local_rank"] + settings["offset"],
-            world_size=settings["world_size"],
-            init_method=f"tcp://{settings['ip']}:{settings['port']}",
-        )
-        settings.update(device=torch.device("cpu"), single_spec=False)
-        if settings["local_rank"] != 0:  # as RecBole does: one process logs and shows progress
-            settings.update(state="error", show_progress=False, verbose=False)
 
 
 def distributed_settings(nproc, world_size=-1, ip="localhost", port=5678, offset=0):

@@ -34,6 +34,7 @@ from logging import getLogger
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
@@ -42,8 +43,29 @@ from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.model.st2si import QUERY_FEATURE
 
+QUERY_FEATURE = "query_feature"
+"""Interaction field of the cached loaders: each sample's ``[Q]`` hidden state."""
+
+
+def has_cached_states(interaction):
+    """Whether a batch comes from a cached loader."""
+    return QUERY_FEATURE in interaction
+
+
+def cached_loss(model, interaction):
+    """The model's loss on a cached training batch: every state predicts its item through the ILP."""
+    return F.cross_entropy(model.item_logits(interaction[QUERY_FEATURE]), interaction[model.POS_ITEM_ID])
+
+
+def cached_item_scores(model, interaction):
+    """Full-ranking scores of a cached evaluation batch, as ``full_sort_predict`` gives them uncached."""
+    return model.item_logits(interaction[QUERY_FEATURE])
+
+
+def cached_candidate_scores(model, interaction):
+    """Scores of a cached sampled-evaluation batch, as ``predict`` gives them uncached."""
+    return model.candidate_scores(interaction[QUERY_FEATURE], interaction[model.ITEM_ID])
 CACHE_FORMAT = 2
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -213,11 +235,6 @@ class CachedQueryNegSampleEvalDataLoader(_CachedQueryFeatureMixin, NegSampleEval
     """RecBole's sampled evaluation (e.g. ``uni19``): every candidate row carries its user's cached state."""
 
 
-def uses_feature_cache(config):
-    """ILP tuning reads cached states when asked to."""
-    return config["model"] == "ST2SI" and config["train_stage"] == "ilp" and bool(config["feature_cache"])
-
-
 def _held_out_states(features, sequences: UserSequences, positions, user_num):
     """``[user_num, H]``: by user id, the cached state that predicts the held-out item at ``positions``."""
     by_user = torch.zeros(user_num, features.transitions.shape[1])
@@ -227,20 +244,37 @@ def _held_out_states(features, sequences: UserSequences, positions, user_num):
     return by_user
 
 
-def _cached_eval_loader(config, loader, features_by_user):
-    """The cached twin of a RecBole evaluation loader: same protocol, same sampler."""
-    if isinstance(loader, FullSortEvalDataLoader):
-        return CachedQueryEvalDataLoader(config, loader.dataset, loader._sampler, features_by_user)
-    return CachedQueryNegSampleEvalDataLoader(config, loader.dataset, loader._sampler, features_by_user)
+class QueryFeatureCache:
+    """The cached ``[Q]`` states of one run, and the cached twins of its dataloaders.
 
+    Built from the multi-query training loader, whose windows span each user's whole history (see
+    :func:`~recbole_st2si.data.dataloader.training_windows`); an evaluation loader gets its held-out
+    states by its dataset (validation or test).
+    """
 
-def cached_dataloaders(config, model, train_data, valid_data, test_data):
-    """Replace the three dataloaders by ones that serve cached ``[Q]`` states to the ILP."""
-    windows = train_data.windows
-    sequences = windows.sequences
-    features = load_or_compute(config, model, sequences)
-    user_num = train_data.dataset.user_num
-    train = CachedQueryTrainDataLoader(config, train_data.dataset, features, windows, shuffle=config["shuffle"])
-    valid = _cached_eval_loader(config, valid_data, _held_out_states(features, sequences, sequences.valid_position, user_num))
-    test = _cached_eval_loader(config, test_data, _held_out_states(features, sequences, sequences.test_position, user_num))
-    return train, valid, test
+    def __init__(self, config, model, train_data):
+        self.config = config
+        self.windows = train_data.windows
+        sequences = self.windows.sequences
+        self.features = load_or_compute(config, model, sequences)
+        user_num = train_data.dataset.user_num
+        valid_dataset, test_dataset = train_data.held_out_datasets
+        self.states_by_dataset = {
+            id(valid_dataset): _held_out_states(self.features, sequences, sequences.valid_position, user_num),
+            id(test_dataset): _held_out_states(self.features, sequences, sequences.test_position, user_num),
+        }
+
+    def train_loader(self, train_data):
+        return CachedQueryTrainDataLoader(
+            self.config, train_data.dataset, self.features, self.windows, shuffle=self.config["shuffle"]
+        )
+
+    def eval_loader(self, loader):
+        """The cached twin of a RecBole evaluation loader (same protocol, same sampler); the loader
+        itself if it is cached already or evaluates another dataset."""
+        states = self.states_by_dataset.get(id(loader.dataset))
+        if isinstance(loader, _CachedQueryFeatureMixin) or states is None:
+            return loader
+        if isinstance(loader, FullSortEvalDataLoader):
+            return CachedQueryEvalDataLoader(self.config, loader.dataset, loader._sampler, states)
+        return CachedQueryNegSampleEvalDataLoader(self.config, loader.dataset, loader._sampler, states)

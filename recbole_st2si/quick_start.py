@@ -1,4 +1,5 @@
-"""One call that trains and tests ST2SI or any RecBole model under the same evaluation."""
+"""One call that trains and tests ST2SI or any RecBole model under the same evaluation: RecBole's
+``run_recbole`` flow with the plugin's config, dataset, dataloaders, model and trainer."""
 
 import os
 import time
@@ -6,8 +7,6 @@ from logging import getLogger
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_st2si.backbone import load_tokenizer, save_backbone
-from recbole_st2si.feature_cache import cached_dataloaders, uses_feature_cache
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.trainer import get_trainer
@@ -23,7 +22,8 @@ def run_recbole_st2si(
         model (str): ``ST2SI`` or the name of any RecBole model (``SASRec``, ``GRU4Rec``, ...).
         dataset (str): dataset name, e.g. ``ml-100k`` or ``Scientific``.
         config_file_list (list[str], optional): extra YAML files, applied after the plugin's defaults.
-        config_dict (dict, optional): parameters that override everything but the command line.
+        config_dict (dict, optional): parameters that override the files, e.g. the command line's
+            ``--key=value`` settings (:func:`~recbole_st2si.config.parse_overrides`).
         saved (bool): keep the best checkpoint and reload it for the test.
         callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
         checkpoint_file (str, optional): where the best model is saved, instead of a new timestamped
@@ -51,8 +51,6 @@ def run_recbole_st2si(
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
-    if uses_feature_cache(config):
-        train_data, valid_data, test_data = cached_dataloaders(config, model, train_data, valid_data, test_data)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if checkpoint_file:
@@ -65,9 +63,6 @@ def run_recbole_st2si(
     )
     train_time = time.perf_counter() - fit_start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-
-    if config["model"] == "ST2SI" and saved and config["local_rank"] == 0:
-        save_st2si_parts(config, model)
 
     environment = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment.draw())
@@ -83,27 +78,6 @@ def run_recbole_st2si(
         "config": config,
         "trainer": trainer,
     }
-
-
-def save_st2si_parts(config, model):
-    """Save the ILP on its own (small, one per dataset) and, after pre-training, the backbone.
-
-    Called after the test, when the best checkpoint's weights are loaded.
-    """
-    logger = getLogger()
-    ilp_file = os.path.join(config["checkpoint_dir"], f"ST2SI-{config['dataset']}-ilp.pth")
-    model.save_ilp(ilp_file)
-    logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
-    if config["train_stage"] == "pretrain":
-        folder = config["pretrained_backbone_dir"] or os.path.join(
-            config["checkpoint_dir"], f"ST2SI-{config['dataset']}-backbone"
-        )
-        tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
-        save_backbone(model.backbone, tokenizer, folder)
-        logger.info(
-            set_color("backbone saved", "blue")
-            + f": {folder} (fine-tune a target domain with --pretrained_backbone={folder})"
-        )
 
 
 def run_recbole_st2si_distributed(

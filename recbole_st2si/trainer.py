@@ -1,8 +1,15 @@
-"""Trainers: weights-only checkpoints for every RecBole model, and ST2SI's optimisation recipe."""
+"""Trainers: weights-only checkpoints for every RecBole model, and ST2SI's optimisation recipe.
+
+A model's trainer is found by name: ``<Model>Trainer`` in this module, else RecBole's.
+"""
 
 import math
 import os
+import sys
+from functools import partial
+from logging import getLogger
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from recbole.trainer import AbstractTrainer, Trainer
@@ -13,7 +20,15 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from recbole_st2si.backbone import load_tokenizer, save_backbone
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.feature_cache import (
+    QueryFeatureCache,
+    cached_candidate_scores,
+    cached_item_scores,
+    cached_loss,
+    has_cached_states,
+)
 
 
 class SafeCheckpointMixin:
@@ -139,9 +154,10 @@ _safe_trainers = {}
 
 
 def get_trainer(model_type, model_name):
-    """RecBole's trainer class for ``model_name``, with :class:`SafeCheckpointMixin` in front."""
-    if model_name == "ST2SI":
-        return ST2SITrainer
+    """``<model_name>Trainer`` of this module, else RecBole's trainer with :class:`SafeCheckpointMixin` in front."""
+    plugin_trainer = getattr(sys.modules[__name__], f"{model_name}Trainer", None)
+    if plugin_trainer is not None:
+        return plugin_trainer
     base = recbole_get_trainer(model_type, model_name)
     if base not in _safe_trainers:
         _safe_trainers[base] = type(f"Safe{base.__name__}", (SafeCheckpointMixin, base, CPUDistributedInit), {})
@@ -153,13 +169,21 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     backbone (``learning_rate``) and the ILP (``ilp_learning_rate``), a cosine schedule with
     ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and bf16/fp16 autocast on CUDA
     (``mixed_precision``; float32 on CPU). Checkpoints hold only the trained parameters, so a frozen
-    backbone is never written to disk again."""
+    backbone is never written to disk again.
+
+    With a frozen backbone (``train_stage: ilp``, ``feature_cache: True``) the trainer runs the
+    backbone once (:class:`~recbole_st2si.feature_cache.QueryFeatureCache`), then trains and
+    evaluates the ILP on the cached ``[Q]`` states. After training, the best ILP is saved on its
+    own, and after ``pretrain`` the backbone too.
+    """
 
     def __init__(self, config, model):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
         self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
         self.scheduler = None
+        self.uses_feature_cache = config["train_stage"] == "ilp" and bool(config["feature_cache"])
+        self.feature_cache = None  # built by fit
 
     def _autocast_dtype(self, mixed_precision):
         choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
@@ -181,6 +205,10 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         return {name: tensor for name, tensor in self.model.state_dict().items() if name in trained}
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.uses_feature_cache:
+            self.feature_cache = QueryFeatureCache(self.config, self.model, train_data)
+            train_data = self.feature_cache.train_loader(train_data)
+            valid_data = valid_data and self.feature_cache.eval_loader(valid_data)
         steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)
         # A resumed run continues the schedule where it stopped; the optimiser state it loaded holds
         # each group's ``initial_lr``, which a scheduler that does not start at step 0 needs.
@@ -190,11 +218,50 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
             max(1, steps_per_epoch * self.epochs),
             last_epoch=self.start_epoch * steps_per_epoch - 1,
         )
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved and self.config["local_rank"] == 0:
+            self.load_checkpoint(self.saved_model_file)
+            self.save_parts()
+        return result
+
+    def save_parts(self):
+        """Save the ILP on its own (small, one per dataset) and, after pre-training, the backbone."""
+        config, logger = self.config, getLogger()
+        ilp_file = os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-ilp.pth")
+        self.model.save_ilp(ilp_file)
+        logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
+        if config["train_stage"] == "pretrain":
+            folder = config["pretrained_backbone_dir"] or os.path.join(
+                config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-backbone"
+            )
+            tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
+            save_backbone(self.model.backbone, tokenizer, folder)
+            logger.info(
+                set_color("backbone saved", "blue")
+                + f": {folder} (fine-tune a target domain with --pretrained_backbone={folder})"
+            )
+
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, history_index, positive_u, positive_i = batched_data
+        if not has_cached_states(interaction):
+            return super()._full_sort_batch_eval(batched_data)
+        scores = cached_item_scores(self.model, interaction.to(self.device))
+        if history_index is not None:
+            scores[history_index] = -np.inf
+        return interaction, scores, positive_u, positive_i
+
+    def _neg_sample_batch_eval(self, batched_data):
+        interaction, row_idx, positive_u, positive_i = batched_data
+        if not has_cached_states(interaction):
+            return super()._neg_sample_batch_eval(batched_data)
+        interaction = interaction.to(self.device)
+        scores = torch.full((positive_u[-1] + 1, self.tot_item_num), -np.inf, device=self.device)
+        scores[row_idx, interaction[self.model.ITEM_ID]] = cached_candidate_scores(self.model, interaction)
+        return interaction, scores, positive_u, positive_i
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
-        loss_func = loss_func or self.model.calculate_loss
+        loss_func = loss_func or (partial(cached_loss, self.model) if self.feature_cache else self.model.calculate_loss)
         if not self.config["single_spec"] and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
@@ -231,5 +298,7 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if self.feature_cache and eval_data:
+            eval_data = self.feature_cache.eval_loader(eval_data)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)

@@ -118,17 +118,6 @@ def _quniform(name, low, high, q):
     return tune.quniform(low, high, q)
 
 
-def parse_overrides(args):
-    """``--key=value`` command-line arguments as typed settings; anything else is a usage error."""
-    overrides = {}
-    for arg in args:
-        key, has_value, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not key or not has_value:
-            raise UserInputError(f"unrecognized argument {arg!r}: settings are given as --key=value")
-        overrides[key] = parse_value(value)
-    return overrides
-
-
 def parse_value(text):
     """A setting's text typed as RecBole types it: a Python literal, ``true``/``false``, or the text."""
     try:
@@ -226,7 +215,7 @@ def _study(model, dataset, param_names, config_file_list, overrides, command):
     """The settings every trial shares, checked by building RecBole's config once before Ray starts."""
     config_files = [os.path.abspath(path) for path in config_file_list or []]
     overrides = dict(overrides or {})
-    with _recbole_sees_no_command_line():
+    with _cuda_devices_kept():
         config = create_config(model, dataset, config_files, overrides)
     valid_column = f"valid_{config['valid_metric'].lower()}"
     bigger, epochs = config["valid_metric_bigger"], config["epochs"]
@@ -234,18 +223,13 @@ def _study(model, dataset, param_names, config_file_list, overrides, command):
 
 
 @contextlib.contextmanager
-def _recbole_sees_no_command_line():
-    """RecBole's Config reads ``sys.argv`` and sets ``CUDA_VISIBLE_DEVICES``; keep both from the driver.
-
-    The tuning options on the command line are not RecBole settings, and Ray must still see every
-    GPU of this machine when it starts.
-    """
-    argv, cuda_devices = sys.argv, os.environ.get("CUDA_VISIBLE_DEVICES")
-    sys.argv = argv[:1]
+def _cuda_devices_kept():
+    """RecBole's Config sets ``CUDA_VISIBLE_DEVICES``; Ray must still see every GPU of this machine
+    when it starts."""
+    cuda_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         yield
     finally:
-        sys.argv = argv
         if cuda_devices is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
@@ -305,7 +289,6 @@ def _scheduler(name, grace_period, epochs):
 
 def _run_trial(params, study, workdir, keep_checkpoints):
     """One trial: a RecBole run that reports each validation score, then its test result, to Ray."""
-    sys.argv = sys.argv[:1]  # the Ray worker's own flags would become RecBole settings
     if os.path.isdir(workdir):
         os.chdir(workdir)  # relative paths (data, feature cache) mean what they mean to the driver
     checkpoint_dir = Path(session.get_trial_dir()) / TRIAL_CHECKPOINTS

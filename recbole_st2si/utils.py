@@ -1,67 +1,57 @@
 """Glue between RecBole's factories and the plugin's classes: config, dataset, dataloaders, model."""
 
+import importlib
 import os
 from pathlib import Path
 
 from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import create_samplers, get_dataloader
 from recbole.data import data_preparation as recbole_data_preparation
 from recbole.utils import get_model as recbole_get_model
 
-from recbole_st2si.data.dataloader import ST2SITrainDataLoader
-from recbole_st2si.data.dataset import ST2SIDataset
+from recbole_st2si.config import PluginConfig
 from recbole_st2si.data.prepare import main as prepare_main
-from recbole_st2si.distributed import PROPERTIES_DIR, PluginConfig
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.model import ST2SI
-from recbole_st2si.model.st2si import resolve_auto_settings
 
-DATASET_CONFIG_DIR = PROPERTIES_DIR.parent / "dataset_configs"
-PLUGIN_MODELS = {"ST2SI": ST2SI}
+
+def plugin_class(module, name):
+    """Class ``name`` of the plugin's module ``recbole_st2si.<module>``, or None."""
+    try:
+        return getattr(importlib.import_module(f"recbole_st2si.{module}"), name, None)
+    except ModuleNotFoundError as error:
+        if error.name != f"recbole_st2si.{module}":
+            raise
+        return None
 
 
 def get_model(model_name):
-    """The plugin's model class for its own names, RecBole's for every other name."""
-    if model_name in PLUGIN_MODELS:
-        return PLUGIN_MODELS[model_name]
+    """The plugin's model class (``recbole_st2si.model.<name lower case>``), else RecBole's."""
+    model_class = plugin_class(f"model.{model_name.lower()}", model_name)
+    if model_class is not None:
+        return model_class
     try:
         return recbole_get_model(model_name)
     except (ValueError, ModuleNotFoundError):  # RecBole's last search place needs lightgbm and xgboost
-        raise UserInputError(f"unknown model {model_name!r}: neither ST2SI nor a RecBole model") from None
-
-
-def config_files_for(model_name, dataset_name, config_file_list=None):
-    """The plugin's defaults (overall, model, dataset), then the user's files, later files winning."""
-    defaults = [
-        PROPERTIES_DIR / "overall.yaml",
-        PROPERTIES_DIR / f"{model_name}.yaml",
-        DATASET_CONFIG_DIR / f"{dataset_name}.yaml",
-    ]
-    files = [str(path) for path in defaults if path.is_file()]
-    for user_file in config_file_list or []:
-        if not os.path.isfile(user_file):
-            raise UserInputError(f"config file not found: {user_file}")
-        files.append(user_file)
-    return files
+        raise UserInputError(f"unknown model {model_name!r}: neither a recbole_st2si nor a RecBole model") from None
 
 
 def create_config(model_name, dataset_name, config_file_list=None, config_dict=None):
-    """A RecBole :class:`Config` with the plugin's files; command-line ``--key=value`` still apply.
+    """The run's :class:`~recbole_st2si.config.PluginConfig`: the one place where it is built.
 
     ``dataset_name`` may list several prepared domains (``Food,Cell``): they are merged once into
     ``<data_path>/Food+Cell`` with domain-prefixed ids, e.g. for pre-training on source domains.
     """
-    config = PluginConfig(
-        model=get_model(model_name),
-        dataset=dataset_name,
-        config_file_list=config_files_for(model_name, dataset_name, config_file_list),
-        config_dict=config_dict,
-    )
+    for user_file in config_file_list or []:
+        if not os.path.isfile(user_file):
+            raise UserInputError(f"config file not found: {user_file}")
+    model_class = get_model(model_name)
+    config = PluginConfig(model_class, dataset_name, config_file_list, config_dict)
     if "," in dataset_name:
         merged_name = merge_domains(dataset_name.split(","), os.path.dirname(config["data_path"]))
         return create_config(model_name, merged_name, config_file_list, config_dict)
     check_atomic_files(config)
-    if config["model"] in PLUGIN_MODELS:
-        resolve_auto_settings(config)
+    if hasattr(model_class, "resolve_settings"):
+        model_class.resolve_settings(config)
     return config
 
 
@@ -87,16 +77,24 @@ def check_atomic_files(config):
 
 
 def create_dataset(config):
-    """:class:`ST2SIDataset` for ST2SI, RecBole's dataset for every other model."""
-    if config["model"] in PLUGIN_MODELS:
-        return ST2SIDataset(config)
-    return recbole_create_dataset(config)
+    """``<Model>Dataset`` of :mod:`recbole_st2si.data.dataset`, else RecBole's dataset for the model."""
+    dataset_class = plugin_class("data.dataset", f"{config['model']}Dataset")
+    return dataset_class(config) if dataset_class else recbole_create_dataset(config)
 
 
 def data_preparation(config, dataset):
-    """RecBole's split and evaluation dataloaders; ST2SI trains on its multi-query loader instead."""
-    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
-    if config["model"] in PLUGIN_MODELS:
-        held_out = [loader._dataset for loader in (valid_data, test_data) if loader is not None]
-        train_data = ST2SITrainDataLoader(config, train_data._dataset, shuffle=config["shuffle"], held_out_datasets=held_out)
+    """RecBole's split and evaluation dataloaders; a model with a ``<Model>TrainDataLoader`` in
+    :mod:`recbole_st2si.data.dataloader` trains on it (it sees the held-out rows too, which complete
+    each user's history)."""
+    train_loader_class = plugin_class("data.dataloader", f"{config['model']}TrainDataLoader")
+    if train_loader_class is None:
+        return recbole_data_preparation(config, dataset)
+    built_datasets = dataset.build()
+    train_dataset, valid_dataset, test_dataset = built_datasets
+    train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
+    train_data = train_loader_class(
+        config, train_dataset, train_sampler, shuffle=config["shuffle"], held_out_datasets=(valid_dataset, test_dataset)
+    )
+    valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
+    test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
     return train_data, valid_data, test_data

@@ -6,10 +6,16 @@ from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.feature_cache import cached_dataloaders
+from recbole_st2si.feature_cache import (
+    QUERY_FEATURE,
+    QueryFeatureCache,
+    cached_candidate_scores,
+    cached_item_scores,
+    cached_loss,
+)
 from recbole_st2si.model import ST2SI
-from recbole_st2si.model.st2si import QUERY_FEATURE
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
 
 from .conftest import DATA_DIR, write_domains
@@ -20,6 +26,12 @@ def build(config):
     dataset = create_dataset(config)
     loaders = data_preparation(config, dataset)
     return ST2SI(config, loaders[0].dataset), loaders
+
+
+def cached_dataloaders(config, model, train_data, valid_data, test_data):
+    """The cached twins of the three loaders, as the trainer builds them."""
+    cache = QueryFeatureCache(config, model, train_data)
+    return cache.train_loader(train_data), cache.eval_loader(valid_data), cache.eval_loader(test_data)
 
 
 def ilp_settings(tmp_path, **overrides):
@@ -38,7 +50,7 @@ def epoch_losses(model, plain_train, cached_train):
     index = list(range(plain_train.sample_size))
     assert cached_train.sample_size == plain_train.sample_size
     with torch.no_grad():
-        return model.calculate_loss(plain_train.collate_fn(index)), model.calculate_loss(cached_train.collate_fn(index))
+        return model.calculate_loss(plain_train.collate_fn(index)), cached_loss(model, cached_train.collate_fn(index))
 
 
 @pytest.mark.parametrize("train_window", ["all", "full"])
@@ -52,12 +64,12 @@ def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path
     with torch.no_grad():
         for index in ([0, 1, 2], list(range(5, 60, 4)), list(range(train_data.sample_size))):
             uncached = model.calculate_loss(train_data.collate_fn(index))
-            cached = model.calculate_loss(cached_train.collate_fn(index))
+            cached = cached_loss(model, cached_train.collate_fn(index))
             assert torch.allclose(cached, uncached, atol=1e-5)
         for plain, cached in ((valid_data, cached_valid), (test_data, cached_test)):
             for plain_batch, cached_batch in zip(plain, cached):
                 assert torch.allclose(
-                    model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
+                    cached_item_scores(model, cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
                 )
 
 
@@ -91,7 +103,7 @@ def test_long_histories_use_every_transition_once_with_the_uncached_windows(make
     assert torch.allclose(cached, uncached, atol=1e-5)
     with torch.no_grad():
         for plain_batch, cached_batch in zip(test_data, cached_test):
-            assert torch.allclose(model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4)
+            assert torch.allclose(cached_item_scores(model, cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4)
 
 
 def test_bf16_cache_stays_close_to_float32(make_config, tmp_path):
@@ -117,7 +129,7 @@ def test_cached_features_serve_the_sampled_uni19_evaluation(make_config, tmp_pat
             for interaction, row_user, positive_u, _ in loader:
                 assert len(row_user) == 20 * len(positive_u)  # the target and 19 negatives per user
                 plain = Interaction({k: v for k, v in interaction.interaction.items() if k != QUERY_FEATURE})
-                assert torch.allclose(model.predict(interaction), model.predict(plain), atol=1e-4)
+                assert torch.allclose(cached_candidate_scores(model, interaction), model.predict(plain), atol=1e-4)
 
 
 def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp_path):
@@ -239,3 +251,34 @@ def test_frozen_ilp_rate_comes_from_the_config_and_a_trained_backbone_shares_its
     assert make_config(train_stage="ilp", frozen_ilp_learning_rate=2e-3)["ilp_learning_rate"] == pytest.approx(2e-3)
     full = make_config(train_stage="full", frozen_ilp_learning_rate=2e-3, learning_rate=7e-5)
     assert full["ilp_learning_rate"] == pytest.approx(7e-5)
+
+
+def test_lora_checkpoint_reloads_to_the_same_scores(settings, tmp_path):
+    """A LoRA run's checkpoint holds the adapters and the ILP only; loaded into a fresh model (same
+    backbone file) it gives the trained model's scores, which differ from the untrained model's."""
+    config_dict = settings(train_stage="lora", lora_r=2, learning_rate=1e-2, warmup_steps=0, gradient_accumulation_steps=1)
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=config_dict, checkpoint_file=tmp_path / "lora.pth")
+    trained = result["trainer"]
+    saved = torch.load(tmp_path / "lora.pth", weights_only=True)["state_dict"]
+    assert saved and all("lora_" in name or name == "ilp.weight" for name in saved)
+
+    config = result["config"]
+    fresh, (_, _, test_data) = build(config)
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        untrained = fresh.eval().full_sort_predict(batch)
+        ST2SITrainer(config, fresh).load_checkpoint(tmp_path / "lora.pth")
+        expected = trained.model.eval().full_sort_predict(batch)
+        assert torch.allclose(fresh.eval().full_sort_predict(batch), expected, atol=1e-5)
+        assert not torch.allclose(untrained, expected, atol=1e-3)
+
+
+def test_ilp_run_trains_on_the_cache_and_saves_the_best_ilp(settings, tmp_path):
+    """The trainer builds the cache from the training loader, trains and tests the ILP on cached
+    states, and saves the best ILP: the file equals the ILP of the reloaded best checkpoint."""
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(**ilp_settings(tmp_path, epochs=2)))
+    trainer = result["trainer"]
+    assert trainer.feature_cache is not None and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    ilp = torch.load(tmp_path / "saved" / "ST2SI-tiny-ilp.pth", weights_only=True)
+    best = torch.load(trainer.saved_model_file, weights_only=True)["state_dict"]
+    assert torch.equal(ilp["weight"], best["ilp.weight"])

@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 from recbole_st2si.data import amazon, prepare
+from recbole_st2si.utils import create_dataset
+
+from .conftest import DATA_DIR, write_domains
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ["Scientific", "Instruments", "Arts", "Office", "Games", "Pet", "Food", "Cell"]
@@ -107,7 +110,7 @@ def _recbole_dataset(data_path, name, **config):
     from recbole.data import create_dataset
 
     config = Config(
-        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "dataset_configs", "Scientific.yaml")],
+        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "recbole_st2si", "properties", "dataset", "Scientific.yaml")],
         config_dict={"data_path": str(data_path), "use_gpu": False, "show_progress": False,
                      "train_neg_sample_args": None, **config},
     )
@@ -331,7 +334,7 @@ def test_module_entry_point_reports_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_configs(name):
-    path = os.path.join(ROOT, "dataset_configs", f"{name}.yaml")
+    path = os.path.join(ROOT, "recbole_st2si", "properties", "dataset", f"{name}.yaml")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     config = yaml.safe_load(text)
@@ -340,3 +343,18 @@ def test_dataset_configs(name):
     assert config["item_attribute"] == "categories"
     assert not {"data_path", "eval_args", "metrics", "topk"} & set(config)
     assert f"--out dataset/{name} --name {name}" in text
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_dataset_config_applies_to_a_dataset_of_its_name(name, make_config, tmp_path):
+    """The package's dataset config is applied by the dataset's name alone: its columns are loaded
+    and its text field, the title, becomes each item's text."""
+    write_domains(tmp_path, name)
+    dataset = create_dataset(make_config(dataset=name, data_path=str(tmp_path)))
+    assert set(dataset.item_feat.columns) == {"item_id", "title", "brand", "categories"}
+    lines = (DATA_DIR / "tiny" / "tiny.item").read_text().splitlines()[1:]
+    titles = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+    texts = dataset.item_texts()
+    assert {token: texts[dataset.field2token_id["item_id"][token]] for token in titles} == {
+        token: [title] for token, title in titles.items()
+    }

@@ -12,6 +12,8 @@ from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.utils import create_dataset, data_preparation
 
+from .conftest import DATA_DIR
+
 
 def build(config):
     init_seed(config["seed"], True)
@@ -153,30 +155,112 @@ def test_item_scores_are_float32_under_bf16_autocast(make_config):
     assert torch.allclose(scores[:, 1:].double(), expected[:, 1:], atol=1e-5)
 
 
-def test_full_sort_predict_scores_every_item_but_padding(make_config):
-    model, _, _, test_data = build(make_config())
-    interaction = next(iter(test_data))[0]
+def item_titles():
+    """Raw item id -> title, read from the dataset file."""
+    lines = (DATA_DIR / "tiny" / "tiny.item").read_text().splitlines()[1:]
+    return {int(line.split("\t")[0]): line.split("\t")[1] for line in lines}
+
+
+def naive_last_query_state(model, tokenizer, titles, query_token):
+    """The backbone's last hidden state over ``title1 [Q] title2 [Q] ...``, the text built by string
+    concatenation and tokenised in one piece (the tiny tokenizer splits on whitespace)."""
+    text = "".join(f"{title} {query_token} " for title in titles)
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return model.backbone(input_ids=torch.tensor([tokens])).last_hidden_state[0, -1].double()
+
+
+def test_multi_query_loss_by_hand_on_a_three_item_sequence(make_config):
+    """``a [Q] b [Q]`` with target ``c``: the first query predicts b, the second c, and the loss is
+    the mean of the two negative log-softmax values over the real items (not the padding item 0)."""
+    config = make_config(id_alignment=False)
+    model, train_data, _, _ = build(config)
+    model.eval()
+    dataset, titles = train_data.dataset, item_titles()
+    tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
+    a, b, c = (dataset.field2token_id[dataset.iid_field][str(raw)] for raw in (1, 2, 3))
+    batch = Interaction({
+        "item_id_list": torch.tensor([[a, b] + [0] * 8]), "item_length": torch.tensor([2]), "item_id": torch.tensor([c]),
+    })
     with torch.no_grad():
-        scores = model.full_sort_predict(interaction)
-        assert scores.shape == (len(interaction), test_data.dataset.item_num)
-        assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
-        sampled = Interaction({**{k: interaction[k] for k in interaction.columns}, "item_id": torch.ones(len(interaction), dtype=torch.long)})
-        assert torch.allclose(model.predict(sampled), scores[:, 1], atol=1e-5)
+        weight = model.ilp.weight.double()
+        losses = []
+        for prefix, target in (([titles[1]], b), ([titles[1], titles[2]], c)):
+            logits = weight @ naive_last_query_state(model, tokenizer, prefix, config["query_token"])
+            real = logits[1:]  # item 0 is padding
+            losses.append(torch.log(torch.exp(real - real.max()).sum()) + real.max() - logits[target])
+        expected = (losses[0] + losses[1]) / 2
+        assert model.calculate_loss(batch).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_training_steps_lower_the_loss(make_config):
-    model, train_data, _, _ = build(make_config(train_window="full"))
-    batch = train_data.collate_fn(list(range(16)))
+def test_full_sort_predict_equals_a_naive_per_user_loop(make_config):
+    config = make_config()
+    model, train_data, _, test_data = build(config)
+    model.eval()
+    dataset, titles = train_data.dataset, item_titles()
+    tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
+    weight = model.ilp.weight.double()
+    with torch.no_grad():
+        for interaction, *_ in test_data:
+            scores = model.full_sort_predict(interaction)
+            assert scores.shape == (len(interaction), dataset.item_num) and torch.isinf(scores[:, 0]).all()
+            for row in range(len(interaction)):
+                history = raw_ids(dataset, interaction["item_id_list"][row, : interaction["item_length"][row]])
+                state = naive_last_query_state(model, tokenizer, [titles[item] for item in history], config["query_token"])
+                assert torch.allclose(scores[row, 1:].double(), (weight @ state)[1:], atol=1e-4)
+
+
+def test_sampled_evaluation_encodes_each_history_once(make_config):
+    """``uni19`` repeats each user's history for the target and 19 negatives: the backbone reads
+    it once, and every candidate gets the score a separate run of its row would give."""
+    probe = make_config()
+    uni19 = {**probe["eval_args"], "mode": {"valid": "uni19", "test": "uni19"}}
+    model, _, _, test_data = build(make_config(eval_args=uni19))
+    model.eval()
+    encoded_rows = []
+    model.backbone.register_forward_hook(lambda module, args, kwargs, output: encoded_rows.append(len(kwargs["input_ids"])),
+                                         with_kwargs=True)
+    interaction, row_user, positive_u, _ = next(iter(test_data))
+    with torch.no_grad():
+        scores = model.predict(interaction)
+        assert encoded_rows == [len(positive_u)] and len(interaction) == 20 * len(positive_u)
+        for row in range(0, len(interaction), 7):
+            alone = Interaction({key: interaction[key][row : row + 1] for key in interaction.columns})
+            assert torch.allclose(scores[row], model.predict(alone)[0], atol=1e-5)
+
+
+def test_training_generalises_to_held_out_users(make_config):
+    """Users walk chains of items (the next item is the successor of the last): trained on the
+    first half of the users, the model must rank the test item of the other users in its top 10
+    far more often than chance (10 of 40 items) and than before training."""
+    model, train_data, _, test_data = build(make_config(train_window="full", id_alignment=False))
+    windows = train_data.windows
+    sample_users = windows.sequences.uid[windows.users].tolist()
+    learners = sample_users[: len(sample_users) // 2]
+    held_out = set(sample_users) - set(learners)
+
+    def held_out_hit_at_10():
+        model.eval()
+        hits = []
+        with torch.no_grad():
+            for interaction, *_ in test_data:
+                rows = [row for row, user in enumerate(interaction["user_id"].tolist()) if user in held_out]
+                scores = model.full_sort_predict(interaction)[rows]
+                top10 = scores.topk(10, dim=1).indices
+                hits += (top10 == interaction["item_id"][rows, None]).any(1).tolist()
+        assert len(hits) == len(held_out)
+        return sum(hits) / len(hits)
+
+    before = held_out_hit_at_10()
+    batch = train_data.collate_fn(list(range(len(learners))))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    losses = []
     for _ in range(40):
+        model.train()
         loss = model.calculate_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    after = held_out_hit_at_10()
+    assert after >= 0.6 and after > before + 0.2, (before, after)
 
 
 def test_backbone_gradients_stay_finite_where_attention_kernels_give_nan_for_blind_rows(make_config, monkeypatch):

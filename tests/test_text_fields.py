@@ -1,9 +1,8 @@
 """Item texts from token and float fields with missing values, and list settings on the command line."""
 
-import sys
-
 import pytest
 
+from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.utils import create_config, create_dataset
 
 # raw item id -> (title, maker, price); "" is a missing value
@@ -63,14 +62,13 @@ def test_token_field_with_missing_values_and_float_field(make_config, tmp_path):
         ("--text_fields=title", ["title"]),
     ],
 )
-def test_command_line_list_forms(argument, expected, settings, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", argument])
-    assert create_config("ST2SI", "tiny", config_dict=settings())["text_fields"] == expected
+def test_command_line_list_forms(argument, expected, settings):
+    config = create_config("ST2SI", "tiny", config_dict={**settings(), **parse_overrides([argument])})
+    assert config["text_fields"] == expected
 
 
-def test_every_list_setting_accepts_bare_names(settings, monkeypatch):
+def test_every_list_setting_accepts_bare_names(settings):
     arguments = ["--lora_target_modules=q_proj, v_proj", "--metrics=[Recall,NDCG]", "--topk=5,10"]
-    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", *arguments])
-    config = create_config("ST2SI", "tiny", config_dict=settings())
+    config = create_config("ST2SI", "tiny", config_dict={**settings(), **parse_overrides(arguments)})
     assert config["lora_target_modules"] == ["q_proj", "v_proj"]
     assert config["metrics"] == ["Recall", "NDCG"] and config["topk"] == [5, 10]

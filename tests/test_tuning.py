@@ -17,21 +17,15 @@ from recbole_st2si.tuning import (
     collect_rows,
     grid_space,
     load_search_space,
-    parse_overrides,
     run_tuning,
     write_outputs,
 )
+from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.utils import create_config
 
 DATA_DIR = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
 TEST_METRICS = ["test_recall@10", "test_ndcg@10", "test_mrr@10", "test_hit@10"]
-
-
-@pytest.fixture(autouse=True)
-def no_pytest_arguments(monkeypatch):
-    """RecBole reads ``sys.argv``: it gets none of pytest's arguments."""
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
 
 
 @pytest.fixture
@@ -66,13 +60,12 @@ def test_integer_quniform_yields_ints(tmp_path):
     assert isinstance(space["dropout_prob"].sample(), float)
 
 
-def test_command_line_settings_are_typed_as_recbole_types_them():
-    assert parse_overrides(["--epochs=2", "--learning_rate=1e-3", "--query_token=[Q]", "--multi_query=false"]) == {
-        "epochs": 2,
-        "learning_rate": 0.001,
-        "query_token": "[Q]",
-        "multi_query": False,
-    }
+def test_command_line_settings_are_typed_as_recbole_types_them(settings):
+    overrides = parse_overrides(["--epochs=2", "--learning_rate=1e-3", "--query_token=[Q]", "--multi_query=false"])
+    config = create_config("ST2SI", "tiny", config_dict={**settings(), **overrides})
+    typed = {key: config[key] for key in overrides}
+    assert typed == {"epochs": 2, "learning_rate": 0.001, "query_token": "[Q]", "multi_query": False}
+    assert type(typed["epochs"]) is int and type(typed["learning_rate"]) is float
 
 
 @pytest.mark.parametrize(

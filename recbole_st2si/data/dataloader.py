@@ -35,6 +35,7 @@ class ST2SITrainDataLoader(AbstractDataLoader):
     """
 
     def __init__(self, config, dataset, sampler=None, shuffle=True, held_out_datasets=()):
+        self.held_out_datasets = tuple(held_out_datasets)  # validation and test: the rest of each history
         self.windows = training_windows(config, dataset, held_out_datasets)
         self.windows.log_coverage(config["multi_query"])
         self.item_seq = dataset.inter_feat[dataset.item_id_list_field]

@@ -24,23 +24,25 @@ from recbole_st2si.backbone import (
 )
 from recbole_st2si.errors import UserInputError
 
-QUERY_FEATURE = "query_feature"
-"""Interaction field holding precomputed ``[Q]`` hidden states (frozen-backbone ILP tuning)."""
-
 TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
 PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
+
+
+def auto_train_stage(device_type):
+    """What ``train_stage: auto`` means on a device: ``full`` on a GPU, ``ilp`` on CPU, where
+    fine-tuning a language model is impractically slow."""
+    return "full" if device_type == "cuda" else "ilp"
 
 
 def resolve_auto_settings(config):
     """Fill the settings whose default depends on the machine or on other settings.
 
-    ``train_stage: auto`` becomes ``full`` on a GPU and ``ilp`` on CPU, where fine-tuning a
-    language model is impractically slow; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
+    ``train_stage: auto`` becomes :func:`auto_train_stage` of the run's device; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
     the backbone trains; when it is frozen it is ``frozen_ilp_learning_rate`` (the authors' 3e-4 by
-    default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after pre-training.
+    default, tuned per dataset in ``properties/dataset/``), or the authors' lower rate after pre-training.
     """
     if config["train_stage"] == "auto":
-        config["train_stage"] = "full" if config["device"].type == "cuda" else "ilp"
+        config["train_stage"] = auto_train_stage(config["device"].type)
     if config["ilp_learning_rate"] is None:
         if config["train_stage"] != "ilp":
             config["ilp_learning_rate"] = config["learning_rate"]
@@ -68,6 +70,8 @@ def with_lora_adapters(backbone, config):
 
 class ST2SI(SequentialRecommender):
     input_type = InputType.POINTWISE
+    train_stages = TRAIN_STAGES  # a benchmark runs one row per stage
+    resolve_settings = staticmethod(resolve_auto_settings)  # settings that depend on the machine
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -215,8 +219,6 @@ class ST2SI(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         target = interaction[self.POS_ITEM_ID]
-        if QUERY_FEATURE in interaction:
-            return F.cross_entropy(self.item_logits(interaction[QUERY_FEATURE]), target)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         states, is_query = self.query_states(item_seq, item_seq_len)
         targets = self.query_targets(item_seq, item_seq_len, target)
@@ -224,15 +226,17 @@ class ST2SI(SequentialRecommender):
             is_query = is_query & (torch.arange(item_seq.shape[1], device=item_seq.device) == (item_seq_len - 1)[:, None])
         return F.cross_entropy(self.item_logits(states[is_query]), targets[is_query])
 
-    def _last_query_state(self, interaction):
-        if QUERY_FEATURE in interaction:
-            return interaction[QUERY_FEATURE]
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-
     def full_sort_predict(self, interaction):
-        return self.item_logits(self._last_query_state(interaction))
+        return self.item_logits(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
 
     def predict(self, interaction):
-        state = self._last_query_state(interaction)
-        weight = self.ilp.weight[interaction[self.ITEM_ID]]
-        return (state.float() * weight.float()).sum(-1)
+        """Scores of sampled candidates (e.g. ``uni19``). RecBole repeats a user's history once per
+        candidate row; each distinct history goes through the backbone once."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        histories, row_history = torch.unique(torch.cat([item_seq, item_seq_len[:, None]], 1), dim=0, return_inverse=True)
+        states = self.forward(histories[:, :-1], histories[:, -1])
+        return self.candidate_scores(states[row_history], interaction[self.ITEM_ID])
+
+    def candidate_scores(self, states, items):
+        """The ILP score of item ``items[i]`` for state ``states[i]``, in float32."""
+        return (states.float() * self.ilp.weight[items].float()).sum(-1)

@@ -1,6 +1,6 @@
 """Speed of the feature cache's frozen pass against the bare backbone forward on the same tokens.
 
-    python benchmarks/cache_speed.py --dataset=ml-100k --windows=96
+    python benchmarks/feature_cache_pass_speed.py --dataset=ml-100k --windows=96
 
 Takes ``--windows`` windows at random from the ones the cache encodes (``train_window: all``
 tiling of every history), then, in this one process and on the same batches, times
@@ -14,7 +14,6 @@ bfloat16 ``[Q]`` states are to float32 (cosine similarity).
 """
 
 import argparse
-import sys
 import time
 
 import torch
@@ -51,7 +50,6 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as its own settings
 
     config = create_config("ST2SI", args.dataset, config_dict={"llm_path": args.llm_path, "train_stage": "ilp",
                                                                "show_progress": False})

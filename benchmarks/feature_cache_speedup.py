@@ -1,6 +1,6 @@
 """Wall time of ILP tuning with the feature cache versus re-running the frozen backbone every epoch.
 
-    python benchmarks/ilp_cache.py --dataset=ml-100k --epochs=10 --users=100
+    python benchmarks/feature_cache_speedup.py --dataset=ml-100k --epochs=10 --users=100
 
 Both runs train the ILP for ``--epochs`` epochs with validation after each (no early stop), on the
 same data, backbone and machine, in this one process; both times include loading the dataset and
@@ -9,7 +9,6 @@ the backbone, and the cached run's time includes building the cache from scratch
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ import pandas as pd
 
 from recbole_st2si.backbone import load_tokenizer
 from recbole_st2si.quick_start import run_recbole_st2si
-from recbole_st2si.utils import DATASET_CONFIG_DIR, create_config
+from recbole_st2si.config import DATASET_DEFAULTS_DIR
+from recbole_st2si.utils import create_config
 
 
 def subset(dataset, data_path, users, folder):
@@ -32,7 +32,7 @@ def subset(dataset, data_path, users, folder):
     kept = inter[inter.iloc[:, 0].isin(inter.iloc[:, 0].drop_duplicates().head(users))]
     kept.to_csv(target / f"{name}.inter", sep="\t", index=False)
     (target / f"{name}.item").write_text((source / f"{dataset}.item").read_text())
-    dataset_config = DATASET_CONFIG_DIR / f"{dataset}.yaml"
+    dataset_config = DATASET_DEFAULTS_DIR / f"{dataset}.yaml"
     return name, str(folder), dataset_config if dataset_config.is_file() else None
 
 
@@ -50,7 +50,6 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--users", type=int, default=100, help="first N users only (0: all)")
     args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as its own settings
 
     with tempfile.TemporaryDirectory() as scratch:
         dataset, data_path, config_files = args.dataset, args.data_path, None

@@ -1,0 +1,90 @@
+"""The plugin's Config and dispatch: defaults from the package, models found by name, a normal install."""
+
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+
+from recbole_st2si import config as plugin_config
+from recbole_st2si.data import dataloader, dataset
+from recbole_st2si.model import ST2SI
+from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.trainer import ST2SITrainer
+from recbole_st2si.utils import create_config, get_model
+
+from .conftest import DATA_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_package_defaults_apply_to_plugin_and_recbole_models(make_config):
+    st2si, sasrec = make_config(), make_config(model="SASRec")
+    for config in (st2si, sasrec):  # overall.yaml: the protocol every model shares
+        assert config["metrics"] == ["Recall", "NDCG", "MRR", "Hit"] and config["valid_metric"] == "NDCG@10"
+    assert st2si["alignment_prompt"] == "Please give the index of the following item: "  # properties/model/ST2SI.yaml
+    assert "alignment_prompt" not in sasrec
+
+
+def test_a_missing_default_file_is_an_error(make_config, monkeypatch, tmp_path):
+    monkeypatch.setattr(plugin_config, "MODEL_DEFAULTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="ST2SI.yaml"):
+        make_config()
+
+
+def test_a_second_text_model_is_found_by_its_name(settings, monkeypatch, tmp_path):
+    """A model module, its YAML defaults and ``<Model>Dataset`` / ``<Model>TrainDataLoader`` /
+    ``<Model>Trainer`` classes are all a new model needs: no branch names it."""
+    class Echo(ST2SI):
+        pass
+
+    class EchoTrainer(ST2SITrainer):
+        pass
+
+    Echo.__module__ = "recbole_st2si.model.echo"
+    module = types.ModuleType("recbole_st2si.model.echo")
+    module.Echo = Echo
+    monkeypatch.setitem(sys.modules, "recbole_st2si.model.echo", module)
+    monkeypatch.setattr(dataset, "EchoDataset", dataset.ST2SIDataset, raising=False)
+    monkeypatch.setattr(dataloader, "EchoTrainDataLoader", dataloader.ST2SITrainDataLoader, raising=False)
+    monkeypatch.setattr(sys.modules["recbole_st2si.trainer"], "EchoTrainer", EchoTrainer, raising=False)
+    shutil.copy(plugin_config.MODEL_DEFAULTS_DIR / "ST2SI.yaml", tmp_path / "Echo.yaml")
+    monkeypatch.setattr(plugin_config, "MODEL_DEFAULTS_DIR", tmp_path)
+
+    assert get_model("Echo") is Echo and get_model("SASRec") is SASRec
+    result = run_recbole_st2si("Echo", "tiny", config_dict=settings(train_stage="auto"))
+    assert result["config"]["train_stage"] == "ilp"  # the auto rule ran for the new model too
+    assert type(result["trainer"]) is EchoTrainer and isinstance(result["trainer"].model, Echo)
+    sasrec = run_recbole_st2si("SASRec", "tiny", config_dict=settings(), saved=False)
+    assert isinstance(sasrec["trainer"], Trainer) and not isinstance(sasrec["trainer"], ST2SITrainer)
+
+
+def test_a_non_editable_install_keeps_the_defaults(tmp_path):
+    """``pip install .`` (a built wheel, not a link to this folder) into a scratch folder, then the
+    command line run from elsewhere: the defaults travel with the package."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    script = tmp_path / "run_recbole_st2si.py"
+    shutil.copy(ROOT / "run_recbole_st2si.py", script)
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, str(script), "--dataset=tiny", f"--data_path={DATA_DIR}", "--llm_path=tiny-random",
+               "--epochs=1", f"--checkpoint_dir={work}", "--show_progress=False", "--MAX_ITEM_LIST_LENGTH=10"]
+    environment = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import recbole_st2si; print(recbole_st2si.__file__)"],
+                           cwd=work, env=environment, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(target / "recbole_st2si" / "__init__.py")  # the installed copy
+    result = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test result: {'recall@10'" in result.stdout  # overall.yaml's metrics
+    assert list(work.glob("ST2SI-tiny-ilp.pth"))  # ST2SI.yaml's train_stage: auto -> ilp on CPU
