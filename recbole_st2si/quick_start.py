@@ -10,7 +10,7 @@ from recbole_st2si.backbone import load_tokenizer, save_backbone
 from recbole_st2si.feature_cache import cached_dataloaders, uses_feature_cache
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.trainer import get_trainer
+from recbole_st2si.trainer import get_trainer, resume_state_file
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
 
@@ -28,16 +28,18 @@ def run_recbole_st2si(
         callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
         checkpoint_file (str, optional): where the best model is saved, instead of a new timestamped
             file in ``checkpoint_dir``.
-        resume (bool): continue an interrupted training from ``checkpoint_file`` (weights, optimiser,
-            epoch, early-stopping state); the epochs after its best epoch are trained again.
+        resume (bool): continue an interrupted training from ``checkpoint_file``: from the latest
+            training state saved beside it (weights, optimiser, scheduler, early stopping, random
+            generators), ending as an uninterrupted run would; from the best checkpoint alone where
+            none was saved (the epochs after its best epoch are trained again).
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``,
         and, for reports, ``train_time_s`` (training and validation), ``dataset_statistics``, the
         final ``config`` and the ``trainer`` (with its model).
     """
-    if resume and not (checkpoint_file and os.path.isfile(checkpoint_file)):
-        raise UserInputError(f"resume=True needs the checkpoint of an interrupted run, got checkpoint_file={checkpoint_file!r}")
+    if resume and not (checkpoint_file and (os.path.isfile(checkpoint_file) or resume_state_file(checkpoint_file).is_file())):
+        raise UserInputError(f"resume needs the checkpoint of an interrupted run (--checkpoint_file), got {checkpoint_file!r}")
     config = create_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -67,7 +69,7 @@ def run_recbole_st2si(
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     if config["model"] == "ST2SI" and saved and config["local_rank"] == 0:
-        save_st2si_parts(config, model)
+        save_st2si_parts(config, model, trainer.saved_model_file)
 
     environment = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment.draw())
@@ -85,19 +87,20 @@ def run_recbole_st2si(
     }
 
 
-def save_st2si_parts(config, model):
-    """Save the ILP on its own (small, one per dataset) and, after pre-training, the backbone.
+def save_st2si_parts(config, model, checkpoint_file):
+    """Save the ILP on its own (small) and, after pre-training, the backbone, both named after the
+    run's checkpoint (``<checkpoint>-ilp.pth``, ``<checkpoint>-backbone``), so that no run replaces
+    another's.
 
     Called after the test, when the best checkpoint's weights are loaded.
     """
     logger = getLogger()
-    ilp_file = os.path.join(config["checkpoint_dir"], f"ST2SI-{config['dataset']}-ilp.pth")
+    run_name = os.path.splitext(checkpoint_file)[0]
+    ilp_file = f"{run_name}-ilp.pth"
     model.save_ilp(ilp_file)
     logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
     if config["train_stage"] == "pretrain":
-        folder = config["pretrained_backbone_dir"] or os.path.join(
-            config["checkpoint_dir"], f"ST2SI-{config['dataset']}-backbone"
-        )
+        folder = config["pretrained_backbone_dir"] or f"{run_name}-backbone"
         tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
         save_backbone(model.backbone, tokenizer, folder)
         logger.info(

@@ -23,6 +23,7 @@ from recbole_st2si.backbone import (
     padding_token_id,
 )
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.safe_io import DamagedFileError, load_checked, save_checked
 
 QUERY_FEATURE = "query_feature"
 """Interaction field holding precomputed ``[Q]`` hidden states (frozen-backbone ILP tuning)."""
@@ -121,13 +122,15 @@ class ST2SI(SequentialRecommender):
     def save_ilp(self, path):
         """Save the ILP with the item ids it scores: one small file per dataset, so one backbone
         serves many domains and switching a domain means loading another ILP."""
-        torch.save({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
+        save_checked({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
 
     def load_ilp(self, path):
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as error:
-            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error})") from None
+            saved = load_checked(path)
+        except FileNotFoundError:
+            raise UserInputError(f"ilp_checkpoint {path}: no such file") from None
+        except DamagedFileError as error:
+            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error.reason})") from None
         if saved["items"] != self.item_tokens or saved["weight"].shape != self.ilp.weight.shape:
             raise UserInputError(
                 f"ilp_checkpoint {path} scores other items or another backbone width than this dataset and backbone"
