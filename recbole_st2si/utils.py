@@ -14,6 +14,7 @@ from recbole_st2si.distributed import PROPERTIES_DIR, PluginConfig
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.model.st2si import resolve_auto_settings
+from recbole_st2si.settings import check_settings
 
 DATASET_CONFIG_DIR = PROPERTIES_DIR.parent / "dataset_configs"
 PLUGIN_MODELS = {"ST2SI": ST2SI}
@@ -50,12 +51,12 @@ def create_config(model_name, dataset_name, config_file_list=None, config_dict=N
     ``dataset_name`` may list several prepared domains (``Food,Cell``): they are merged once into
     ``<data_path>/Food+Cell`` with domain-prefixed ids, e.g. for pre-training on source domains.
     """
-    config = PluginConfig(
-        model=get_model(model_name),
-        dataset=dataset_name,
-        config_file_list=config_files_for(model_name, dataset_name, config_file_list),
-        config_dict=config_dict,
-    )
+    model, files = get_model(model_name), config_files_for(model_name, dataset_name, config_file_list)
+    try:
+        config = PluginConfig(model=model, dataset=dataset_name, config_file_list=files, config_dict=config_dict)
+    except ValueError as error:  # RecBole's own checks of a few settings (topk, metrics, ...)
+        raise UserInputError(str(error)) from None
+    check_settings(config)
     if "," in dataset_name:
         merged_name = merge_domains(dataset_name.split(","), os.path.dirname(config["data_path"]))
         return create_config(model_name, merged_name, config_file_list, config_dict)
@@ -71,6 +72,9 @@ def merge_domains(domains, data_path):
     name = "+".join(domains)
     folder = Path(data_path) / name
     if not (folder / f"{name}.inter").is_file():
+        for domain in domains:
+            if not (Path(data_path) / domain / f"{domain}.inter").is_file():
+                raise UserInputError(missing_dataset_message(domain, Path(data_path) / domain / f"{domain}.inter"))
         inputs = [str(Path(data_path) / domain) for domain in domains]
         prepare_main(["merge", "--inputs", *inputs, "--out", str(folder), "--name", name])
     return name
@@ -80,10 +84,14 @@ def check_atomic_files(config):
     """Fail with a clear message instead of RecBole's attempt to download an unknown dataset."""
     inter_file = Path(config["data_path"]) / f"{config['dataset']}.inter"
     if not inter_file.is_file() and config["benchmark_filename"] is None:
-        raise UserInputError(
-            f"dataset '{config['dataset']}' not found: no {inter_file}. Pass --data_path=<folder holding "
-            f"{config['dataset']}/{config['dataset']}.inter>, or prepare it with `python -m recbole_st2si.data.prepare`"
-        )
+        raise UserInputError(missing_dataset_message(config["dataset"], inter_file))
+
+
+def missing_dataset_message(name, inter_file):
+    return (
+        f"dataset '{name}' not found: no {inter_file}. Pass --data_path=<folder holding "
+        f"{name}/{name}.inter>, or prepare it with `python -m recbole_st2si.data.prepare`"
+    )
 
 
 def create_dataset(config):

@@ -1,5 +1,6 @@
 """Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ def _vocabulary():
         _, title, brand = line.split("\t")
         words |= set(title.split()) | {brand}
     return ["[PAD]", "[UNK]"] + sorted(words)
+
+
+@pytest.fixture(autouse=True)
+def no_pytest_flags_as_settings(monkeypatch):
+    """RecBole's Config reads ``--key=value`` from ``sys.argv``: pytest's own flags are not settings."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
 
 
 @pytest.fixture(scope="session")
