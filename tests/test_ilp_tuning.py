@@ -10,6 +10,7 @@ from recbole_st2si.feature_cache import cached_dataloaders
 from recbole_st2si.model import ST2SI
 from recbole_st2si.model.st2si import QUERY_FEATURE
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.safe_io import save_checked
 from recbole_st2si.utils import create_dataset, data_preparation
 
 from .conftest import DATA_DIR, write_domains
@@ -211,7 +212,7 @@ def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
     reloaded, _ = build(make_config(ilp_checkpoint=str(path), seed=8))
     assert torch.equal(reloaded.ilp.weight, model.ilp.weight)
 
-    torch.save({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
+    save_checked({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
     with pytest.raises(UserInputError, match="scores other items"):
         build(make_config(ilp_checkpoint=str(path)))
 
