@@ -21,7 +21,7 @@ import yaml
 from recbole_st2si.benchmark import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, write_json
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
-from recbole_st2si.safe_io import DamagedFileError
+from recbole_st2si.safe_io import DamagedFileError, load_checked
 from recbole_st2si.trainer import last_finished_epoch, resume_state_file
 from recbole_st2si.utils import create_config
 
@@ -78,6 +78,7 @@ def pretrain_s3rec(request, settings, checkpoint_dir):
     if previous and previous["request"] == request:
         checkpoint = Path(checkpoint_dir) / Path(previous["checkpoint"]).name
         if checkpoint.is_file():
+            load_checked(checkpoint)  # RecBole's fine-tuning reads it without checking it
             print(f"S3Rec pre-training: reusing {checkpoint}", flush=True)
             return str(checkpoint), previous["stats"], True
     pretrain = {**settings, "train_stage": "pretrain"}
