@@ -125,12 +125,13 @@ class SafeCheckpointMixin:
         """RecBole's training loop; before every epoch but the first the whole training state is
         saved beside the checkpoint (see :meth:`save_resume_state`), and removed once training ends."""
         self.saving_resume_state = saved
+        self.resume_file = resume_state_file(self.saved_model_file)  # pre-training renames saved_model_file
         if self.pending_resume_state:
             self._restore_loop_state(self.pending_resume_state, train_data)
             self.pending_resume_state = None
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if saved and (self.config["single_spec"] or self.config["local_rank"] == 0):
-            resume_state_file(self.saved_model_file).unlink(missing_ok=True)
+            self.resume_file.unlink(missing_ok=True)
         return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -163,7 +164,7 @@ class SafeCheckpointMixin:
                            if isinstance(value, torch.Generator)},
             "random": random_states(),
         }
-        save_checked(state, resume_state_file(self.saved_model_file))
+        save_checked(state, self.resume_file)
 
     def load_checkpoint(self, checkpoint_file):
         """Load model weights from one of our checkpoints; returns the whole checkpoint dict."""

@@ -148,7 +148,7 @@ def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_pa
     before = (tmp_path / "first-ilp.pth").read_bytes()
     run_recbole_st2si("ST2SI", "tiny", config_dict=settings(seed=8), checkpoint_file=second)
     assert (tmp_path / "second-ilp.pth").is_file() and (tmp_path / "first-ilp.pth").read_bytes() == before
-    assert not list((tmp_path / "saved").glob("*-ilp.pth")), "no shared ST2SI-<dataset>-ilp.pth any more"
+    assert not list(tmp_path.rglob("ST2SI-tiny-ilp.pth")), "no ILP file shared by every run on a dataset"
 
 
 # --- feature caches --------------------------------------------------------------------------
