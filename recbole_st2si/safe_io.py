@@ -211,10 +211,10 @@ def load_checked(path, map_location="cpu", remedy=None) -> dict:
         if "Unsupported global" in str(error):
             raise DamagedFileError(path, "it holds objects other than tensors and numbers, which are never loaded",
                                    remedy) from None
-        raise DamagedFileError(path, "cannot be read: not a PyTorch file, or a damaged one", remedy) from None
+        raise DamagedFileError(path, "cannot be read, cut short or not a PyTorch file", remedy) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise DamagedFileError(path, f"cannot be read: {detail}", remedy) from None
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+        raise DamagedFileError(path, f"cannot be read, cut short or not a PyTorch file: {detail}", remedy) from None
     if not isinstance(record, dict) or CHECKSUM_KEY not in record:
         raise DamagedFileError(path, "it has no checksum: not written by this version of recbole-st2si", remedy)
     expected = record.pop(CHECKSUM_KEY)
