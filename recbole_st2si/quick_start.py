@@ -101,6 +101,8 @@ def save_st2si_parts(config, model, checkpoint_file):
     logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
     if config["train_stage"] == "pretrain":
         folder = config["pretrained_backbone_dir"] or f"{run_name}-backbone"
+        if os.path.exists(folder):
+            logger.warning(f"pretrained_backbone_dir {folder} exists: its backbone is replaced by this run's")
         tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
         save_backbone(model.backbone, tokenizer, folder)
         logger.info(
