@@ -17,6 +17,7 @@ import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -85,6 +86,7 @@ def atomic_file(path, size=None, text=False):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's files are private; the target gets the usual mode
     except OSError as error:
         raise _write_error(path, error, size) from None
     writer = None
@@ -103,6 +105,18 @@ def atomic_file(path, size=None, text=False):
         if isinstance(cause, OSError):
             raise _write_error(path, cause, size) from None
         raise
+
+
+@lru_cache(maxsize=None)
+def _umask():
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _sync_folder(folder):
@@ -126,6 +140,7 @@ def atomic_folder(path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        temporary.chmod(0o777 & ~_umask())
     except OSError as error:
         raise _write_error(path, error, None) from None
     try:

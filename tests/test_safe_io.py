@@ -60,6 +60,12 @@ def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
     assert path.read_text() == "old\n" and [file.name for file in tmp_path.iterdir()] == ["results.csv"]
 
 
+def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
+    write_text(tmp_path / "README.md", "table\n")
+    (tmp_path / "plain.md").write_text("table\n")
+    assert (tmp_path / "README.md").stat().st_mode == (tmp_path / "plain.md").stat().st_mode
+
+
 def test_a_real_full_disk(tmp_path):
     """A 1 MB tmpfs (needs root to mount; skipped elsewhere)."""
     mount_point = tmp_path / "small"
