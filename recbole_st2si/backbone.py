@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedModel
 
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.safe_io import atomic_folder
 
 EMBEDDED = "embedded"
 TINY_RANDOM = "tiny-random"
@@ -143,10 +144,10 @@ BACKBONE_WEIGHTS = "model.safetensors"
 
 def save_backbone(model: PreTrainedModel, tokenizer, folder) -> Path:
     """Save a (pre-)trained backbone with its tokenizer; the folder also works as an ``llm_path``."""
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    with atomic_folder(folder) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+    return Path(folder)
 
 
 def load_backbone_weights(model: PreTrainedModel, folder, llm_path: str):

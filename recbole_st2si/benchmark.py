@@ -33,6 +33,7 @@ import torch
 
 from recbole_st2si.command_line import parse_overrides, split_list
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.safe_io import atomic_file, write_text
 
 DEFAULT_MODELS = ("ST2SI", "SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec")
 ABLATIONS = {  # the paper's Table 3 rows: variant suffix -> ST2SI settings
@@ -280,9 +281,7 @@ def read_json(path):
 
 def write_json(record, path):
     """Write atomically, so an interrupted benchmark never leaves a half-written file behind."""
-    partial = Path(f"{path}.partial")
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, path)
+    write_text(path, json.dumps(record, indent=2))
 
 
 def report_progress(line):
@@ -553,9 +552,9 @@ def readme_text(rows, records, protocol, command, dataset):
         *(f"{note}\n" for note in notes),
         f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",
-        f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})",
-        "",
     ]
+    if any(row["seeds_ok"] for row in rows):  # the chart is drawn only from finished runs
+        lines += [f"![{' and '.join(display_name(column) for column in protocol.chart)}]({protocol.chart_file})", ""]
     return "\n".join(lines)
 
 
@@ -579,7 +578,8 @@ def plot_chart(rows, protocol, path):
     axes.set_ylabel("test score")
     axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(protocol.chart), frameon=False)  # clear of the bars
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_file(path) as file:
+        figure.savefig(file, dpi=120, format=Path(path).suffix[1:])
     pyplot.close(figure)
 
 
@@ -597,7 +597,7 @@ def write_report(results_dir, records, protocol, command, dataset):
 
     groups = group_by_variant(records)
     rows = [summarize(name, group, protocol.columns) for name, group in groups.items()]
-    with open(results_dir / "results.csv", "w", newline="") as handle:
+    with atomic_file(results_dir / "results.csv", text=True) as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(protocol.columns))
         writer.writeheader()
         for row in rows:
@@ -606,10 +606,10 @@ def write_report(results_dir, records, protocol, command, dataset):
     for name, group in groups.items():
         best = best_run(group)
         if best:
-            (results_dir / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=True))
+            write_text(results_dir / "configs" / f"{name}.yaml", yaml.safe_dump(best["config"], sort_keys=True))
     if any(row["seeds_ok"] for row in rows):
         plot_chart(rows, protocol, results_dir / protocol.chart_file)
-    (results_dir / "README.md").write_text(readme_text(rows, records, protocol, command, dataset))
+    write_text(results_dir / "README.md", readme_text(rows, records, protocol, command, dataset))
     return rows
 
 
@@ -666,14 +666,17 @@ def main(argv=None):
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    records = run_all(requests, results_dir, args)
     try:
+        records = run_all(requests, results_dir, args)
         check_comparable(records)
+        command = shlex.join(["python", "-m", "recbole_st2si.benchmark", *argv])
+        rows = write_report(results_dir, records, protocol, command, args.dataset)
     except ComparabilityError as error:
         print(f"error: {error}\nNo table written; fix the settings and rerun the runs named above.", file=sys.stderr)
         return 1
-    command = shlex.join(["python", "-m", "recbole_st2si.benchmark", *argv])
-    rows = write_report(results_dir, records, protocol, command, args.dataset)
+    except UserInputError as error:  # a full disk, say: the files written before stay intact
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"results: {results_dir / 'README.md'}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 

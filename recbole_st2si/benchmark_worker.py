@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import recbole
-import torch
 import yaml
 
 from recbole_st2si.benchmark import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, write_json
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.safe_io import DamagedFileError, load_checked
+from recbole_st2si.trainer import last_finished_epoch, resume_state_file
 from recbole_st2si.utils import create_config
 
 EVALUATION_KEYS = (
@@ -76,6 +77,7 @@ def pretrain_s3rec(request, settings, checkpoint_dir):
     if previous and previous["request"] == request:
         checkpoint = Path(checkpoint_dir) / Path(previous["checkpoint"]).name
         if checkpoint.is_file():
+            load_checked(checkpoint)  # RecBole's fine-tuning reads it without checking it
             print(f"S3Rec pre-training: reusing {checkpoint}", flush=True)
             return str(checkpoint), previous["stats"], True
     pretrain = {**settings, "train_stage": "pretrain"}
@@ -104,8 +106,9 @@ class ResumableTraining:
         self.time_before_s = 0.0
         self.elapsed_by_epoch = {}
         self.hardware_by_attempt = [hardware_summary()]
-        if previous and previous["request"] == request and self.checkpoint.is_file():
-            epoch = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        has_checkpoint = self.checkpoint.is_file() or resume_state_file(self.checkpoint).is_file()
+        if previous and previous["request"] == request and has_checkpoint:
+            epoch = last_finished_epoch(self.checkpoint)
             if str(epoch) in previous["elapsed_s_by_epoch"]:
                 self.resumed_from_epoch = epoch
                 self.time_before_s = previous["elapsed_s_by_epoch"][str(epoch)]
@@ -214,6 +217,8 @@ def main():
     spec = json.load(sys.stdin)
     try:
         record = run(spec)
+    except DamagedFileError as error:
+        sys.exit(f"error: {error.path} is damaged ({error.reason}): start this run over with --rerun, or delete it")
     except UserInputError as error:
         sys.exit(f"error: {error}")
     write_json(record, spec["result_file"])

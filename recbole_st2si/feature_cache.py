@@ -28,7 +28,6 @@ cache built for another backbone, dataset or text setting is never used.
 
 import fcntl
 import hashlib
-import os
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.safe_io import DamagedFileError, load_checked, save_checked
 
 QUERY_FEATURE = "query_feature"
 """Interaction field of the cached loaders: each sample's ``[Q]`` hidden state."""
@@ -66,7 +66,9 @@ def cached_item_scores(model, interaction):
 def cached_candidate_scores(model, interaction):
     """Scores of a cached sampled-evaluation batch, as ``predict`` gives them uncached."""
     return model.candidate_scores(interaction[QUERY_FEATURE], interaction[model.ITEM_ID])
-CACHE_FORMAT = 2
+
+
+CACHE_FORMAT = 3
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -157,26 +159,50 @@ def compute_query_features(model, sequences: UserSequences, batch_size, dtype) -
 
 
 def load_or_compute(config, model, sequences: UserSequences) -> QueryFeatures:
-    """The cached features for this exact backbone and input, computed once under a file lock."""
-    logger = getLogger()
+    """The cached features for this exact backbone and input, computed once under a file lock.
+
+    A damaged or unreadable cache (its checksum tells) is rebuilt with a warning. A folder that
+    cannot be written is used as it is when it holds the cache; without one it is an error.
+    """
     dtype = cache_dtype(config["feature_cache_dtype"], model.device)
     key = _cache_key(model, sequences, dtype)
     cache_dir = Path(config["feature_cache_dir"])
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{config['dataset']}-{key}.pt"
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials wait for one builder
-        if path.is_file():
-            logger.info(set_color("feature cache", "green") + f": reusing {path}")
-            return QueryFeatures(**torch.load(path, weights_only=True))
-        logger.info(set_color("feature cache", "green") + f": encoding {len(sequences.items)} items of "
-                    f"{len(sequences.uid)} histories in {str(dtype).replace('torch.', '')}")
-        features = compute_query_features(model, sequences, config["feature_batch_size"], dtype)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(features.__dict__, temporary)
-        os.replace(temporary, path)
-        logger.info(set_color("feature cache", "green") + f": wrote {path}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError as error:
+        features = _read_cache(path)
+        if features is None:
+            raise UserInputError(
+                f"feature_cache_dir {cache_dir} cannot be written ({error.strerror}) and holds no cache for this "
+                "run: pass --feature_cache_dir=<a writable folder>, or --feature_cache=False"
+            ) from None
         return features
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials wait for one builder
+        features = _read_cache(path)
+        if features is not None:
+            return features
+        getLogger().info(set_color("feature cache", "green") + f": encoding {len(sequences.items)} items of "
+                         f"{len(sequences.uid)} histories in {str(dtype).replace('torch.', '')}")
+        features = compute_query_features(model, sequences, config["feature_batch_size"], dtype)
+        save_checked(features.__dict__, path)
+        getLogger().info(set_color("feature cache", "green") + f": wrote {path}")
+        return features
+
+
+def _read_cache(path):
+    """The features stored at ``path``; ``None`` if there are none, or (with a warning) if damaged."""
+    try:
+        features = QueryFeatures(**load_checked(path))
+    except FileNotFoundError:
+        return None
+    except DamagedFileError as error:
+        getLogger().warning(f"feature cache {error}: it is rebuilt")
+        return None
+    getLogger().info(set_color("feature cache", "green") + f": reusing {path}")
+    return features
 
 
 class CachedQueryTrainDataLoader(AbstractDataLoader):

@@ -9,7 +9,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.trainer import get_trainer
+from recbole_st2si.trainer import get_trainer, resume_state_file
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
 
@@ -28,16 +28,18 @@ def run_recbole_st2si(
         callback_fn (callable, optional): ``callback_fn(epoch_idx, valid_score)`` after every validation.
         checkpoint_file (str, optional): where the best model is saved, instead of a new timestamped
             file in ``checkpoint_dir``.
-        resume (bool): continue an interrupted training from ``checkpoint_file`` (weights, optimiser,
-            epoch, early-stopping state); the epochs after its best epoch are trained again.
+        resume (bool): continue an interrupted training from ``checkpoint_file``: from the latest
+            training state saved beside it (weights, optimiser, scheduler, early stopping, random
+            generators), ending as an uninterrupted run would; from the best checkpoint alone where
+            none was saved (the epochs after its best epoch are trained again).
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``,
         and, for reports, ``train_time_s`` (training and validation), ``dataset_statistics``, the
         final ``config`` and the ``trainer`` (with its model).
     """
-    if resume and not (checkpoint_file and os.path.isfile(checkpoint_file)):
-        raise UserInputError(f"resume=True needs the checkpoint of an interrupted run, got checkpoint_file={checkpoint_file!r}")
+    if resume and not (checkpoint_file and (os.path.isfile(checkpoint_file) or resume_state_file(checkpoint_file).is_file())):
+        raise UserInputError(f"resume needs the checkpoint of an interrupted run (--checkpoint_file), got {checkpoint_file!r}")
     config = create_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)

@@ -5,9 +5,11 @@ A model's trainer is found by name: ``<Model>Trainer`` in this module, else RecB
 
 import math
 import os
+import random
 import sys
 from functools import partial
 from logging import getLogger
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +31,43 @@ from recbole_st2si.feature_cache import (
     cached_loss,
     has_cached_states,
 )
+from recbole_st2si.safe_io import load_checked, save_checked
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}  # mixed_precision
+DAMAGED_CHECKPOINT_REMEDY = "start over with another --checkpoint_file, or delete it"
+
+
+def resume_state_file(checkpoint_file):
+    """Where a run keeps its latest training state, beside its best checkpoint ``<name>.pth``."""
+    path = Path(checkpoint_file)
+    return path.with_name(f"{path.stem}-resume{path.suffix}")
+
+
+def last_finished_epoch(checkpoint_file):
+    """The epoch after which :meth:`SafeCheckpointMixin.resume_checkpoint` continues this checkpoint's run."""
+    state_file = resume_state_file(checkpoint_file)
+    source = state_file if state_file.is_file() else checkpoint_file
+    return load_checked(source, remedy=DAMAGED_CHECKPOINT_REMEDY)["epoch"]
+
+
+def random_states():
+    """The global random generators a training epoch draws from (dropout, samplers, shuffling)."""
+    state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def restore_random_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
 
 
 class SafeCheckpointMixin:
@@ -45,6 +84,8 @@ class SafeCheckpointMixin:
         os.makedirs(config["checkpoint_dir"], exist_ok=True)
         super().__init__(config, model)
         self.checkpoint_valid_result = None
+        self.pending_resume_state = None
+        self.saving_resume_state = False
         if not config["single_spec"]:  # RecBole names the file by each rank's own clock
             names = [self.saved_model_file]
             dist.broadcast_object_list(names, src=0)
@@ -83,20 +124,65 @@ class SafeCheckpointMixin:
         checkpoint = self._checkpoint(epoch)
         del checkpoint["optimizer"]
         checkpoint["state_dict"] = {name: tensor.cpu() for name, tensor in checkpoint["state_dict"].items()}
-        torch.save(checkpoint, saved_model_file)
+        save_checked(checkpoint, saved_model_file)
         self.saved_model_file = saved_model_file
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        torch.save(self._checkpoint(epoch), saved_model_file)
+        save_checked(self._checkpoint(epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's training loop; before every epoch but the first the whole training state is
+        saved beside the checkpoint (see :meth:`save_resume_state`), and removed once training ends."""
+        self.saving_resume_state = saved
+        self.resume_file = resume_state_file(self.saved_model_file)  # pre-training renames saved_model_file
+        if self.pending_resume_state:
+            self._restore_loop_state(self.pending_resume_state, train_data)
+            self.pending_resume_state = None
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved and (self.config["single_spec"] or self.config["local_rank"] == 0):
+            self.resume_file.unlink(missing_ok=True)
+        return result
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.save_resume_state(epoch_idx, train_data)
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+
+    def save_resume_state(self, epoch_idx, train_data):
+        """Everything the epochs from ``epoch_idx`` on depend on: the trained weights, optimiser,
+        scheduler, early-stopping state, losses so far, the training loader's random generators
+        (shuffling, windows) and the global ones, so that a resumed run trains exactly as an
+        uninterrupted one. Written atomically; the first epoch of a run has nothing to save yet."""
+        if not self.saving_resume_state or epoch_idx == self.start_epoch:
+            return
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        other = self.model.other_parameter() or {}
+        scheduler = getattr(self, "scheduler", None)
+        state = {
+            "model": self.config["model"],
+            "epoch": epoch_idx - 1,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": {key: float(value) for key, value in (self.best_valid_result or {}).items()},
+            "train_loss_dict": {int(key): float(value) for key, value in self.train_loss_dict.items()},
+            "state_dict": self.checkpoint_state_dict(),
+            "other_parameter": {k: v for k, v in other.items() if not isinstance(v, torch.nn.Module)},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "generators": {name: value.get_state() for name, value in vars(train_data).items()
+                           if isinstance(value, torch.Generator)},
+            "random": random_states(),
+        }
+        save_checked(state, self.resume_file)
+
     def load_checkpoint(self, checkpoint_file):
         """Load model weights from one of our checkpoints; returns the whole checkpoint dict."""
-        checkpoint = torch.load(checkpoint_file, map_location=self.device, weights_only=True)
+        checkpoint = load_checked(checkpoint_file, self.device, remedy=DAMAGED_CHECKPOINT_REMEDY)
         if checkpoint.get("model", self.config["model"]) != self.config["model"]:
             raise UserInputError(
                 f"{checkpoint_file} holds a {checkpoint['model']} model, not {self.config['model']}"
@@ -114,15 +200,33 @@ class SafeCheckpointMixin:
         return checkpoint
 
     def resume_checkpoint(self, resume_file):
-        """Continue from a checkpoint, with RecBole's ``load_state_dict`` checks replaced by ours."""
-        checkpoint = self.load_checkpoint(resume_file)
+        """Continue an interrupted run: from its latest training state where one was saved beside
+        the checkpoint (the same course as without the interruption), else from the best checkpoint
+        (the epochs after it are trained again). RecBole's ``load_state_dict`` checks are replaced by ours."""
+        state_file = resume_state_file(resume_file)
+        full_state = state_file.is_file()
+        checkpoint = self.load_checkpoint(state_file if full_state else resume_file)
         self.saved_model_file = str(resume_file)
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
         self.best_valid_result = self.checkpoint_valid_result = checkpoint.get("best_valid_result") or None
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        if full_state:
+            self.train_loss_dict = dict(checkpoint["train_loss_dict"])
+            self.pending_resume_state = checkpoint
+        source = "its latest training state" if full_state else "its best checkpoint"
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}, from {source}")
+
+    def _restore_loop_state(self, state, train_data):
+        """What :meth:`resume_checkpoint` cannot restore before ``fit``: the scheduler (built in
+        ``fit``), the training loader's generators and the global random generators."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None and state["scheduler"]:
+            scheduler.load_state_dict(state["scheduler"])
+        for name, generator_state in state["generators"].items():
+            getattr(train_data, name).set_state(generator_state)
+        restore_random_states(state["random"])
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
@@ -186,10 +290,9 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         self.feature_cache = None  # built by fit
 
     def _autocast_dtype(self, mixed_precision):
-        choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-        if mixed_precision not in choices:
-            raise UserInputError(f"mixed_precision must be one of {list(choices)}, got {mixed_precision!r}")
-        return choices[mixed_precision] if self.device.type == "cuda" else None
+        if mixed_precision not in AUTOCAST_DTYPES:
+            raise UserInputError(f"mixed_precision must be one of {list(AUTOCAST_DTYPES)}, got {mixed_precision!r}")
+        return AUTOCAST_DTYPES[mixed_precision] if self.device.type == "cuda" else None
 
     def _build_optimizer(self, **kwargs):
         ilp = [p for p in self.model.ilp.parameters() if p.requires_grad]
@@ -225,15 +328,18 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         return result
 
     def save_parts(self):
-        """Save the ILP on its own (small, one per dataset) and, after pre-training, the backbone."""
+        """Save the ILP on its own (small) and, after pre-training, the backbone, both named after the
+        run's checkpoint (``<checkpoint>-ilp.pth``, ``<checkpoint>-backbone``), so that no run replaces
+        another's. Called after the best checkpoint's weights are loaded."""
         config, logger = self.config, getLogger()
-        ilp_file = os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-ilp.pth")
+        run_name = os.path.splitext(self.saved_model_file)[0]
+        ilp_file = f"{run_name}-ilp.pth"
         self.model.save_ilp(ilp_file)
         logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
         if config["train_stage"] == "pretrain":
-            folder = config["pretrained_backbone_dir"] or os.path.join(
-                config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-backbone"
-            )
+            folder = config["pretrained_backbone_dir"] or f"{run_name}-backbone"
+            if os.path.exists(folder):
+                logger.warning(f"pretrained_backbone_dir {folder} exists: its backbone is replaced by this run's")
             tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
             save_backbone(self.model.backbone, tokenizer, folder)
             logger.info(
@@ -260,6 +366,7 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         return interaction, scores, positive_u, positive_i
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.save_resume_state(epoch_idx, train_data)
         self.model.train()
         loss_func = loss_func or (partial(cached_loss, self.model) if self.feature_cache else self.model.calculate_loss)
         if not self.config["single_spec"] and train_data.shuffle:

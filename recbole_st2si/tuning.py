@@ -33,6 +33,7 @@ from recbole.trainer import HyperTuning
 
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.safe_io import atomic_file, write_text
 from recbole_st2si.utils import create_config
 
 VALID_SCORE = "valid_score"  # what each trial reports to Ray, and the scheduler's metric
@@ -362,13 +363,13 @@ def write_outputs(rows, output_dir, study):
     False when no trial has a validation score, and so no best configuration."""
     columns = ["rank", *dict.fromkeys(key for row in rows for key in row)]
     ranked = [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)]
-    with open(output_dir / "results.csv", "w", newline="") as file:
+    with atomic_file(output_dir / "results.csv", text=True) as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(ranked)
     has_best = bool(rows) and rows[0][study.valid_column] is not None
     rerun = _write_best_yaml(rows[0], len(rows), output_dir, study) if has_best else None
-    (output_dir / "README.md").write_text(_readme(ranked, columns, study, rerun))
+    write_text(output_dir / "README.md", _readme(ranked, columns, study, rerun))
     return has_best
 
 
@@ -385,7 +386,7 @@ def _write_best_yaml(best, num_trials, output_dir, study):
         f"{study.valid_column} {best[study.valid_column]:.4g}.\n"
         f"# The tuning run's fixed settings, then the trial's parameters. Rerun it with\n#   {rerun}\n"
     )
-    path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
+    write_text(path, header + yaml.safe_dump(settings, sort_keys=False))
     return rerun
 
 

@@ -12,6 +12,7 @@ from recbole.utils import get_model as recbole_get_model
 from recbole_st2si.config import PluginConfig
 from recbole_st2si.data.prepare import main as prepare_main
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.settings import check_settings
 
 
 def plugin_class(module, name):
@@ -45,7 +46,11 @@ def create_config(model_name, dataset_name, config_file_list=None, config_dict=N
         if not os.path.isfile(user_file):
             raise UserInputError(f"config file not found: {user_file}")
     model_class = get_model(model_name)
-    config = PluginConfig(model_class, dataset_name, config_file_list, config_dict)
+    try:
+        config = PluginConfig(model_class, dataset_name, config_file_list, config_dict)
+    except ValueError as error:  # RecBole's own checks of a few settings (topk, metrics, ...)
+        raise UserInputError(str(error)) from None
+    check_settings(config, model_class)
     if "," in dataset_name:
         merged_name = merge_domains(dataset_name.split(","), os.path.dirname(config["data_path"]))
         return create_config(model_name, merged_name, config_file_list, config_dict)
@@ -61,6 +66,9 @@ def merge_domains(domains, data_path):
     name = "+".join(domains)
     folder = Path(data_path) / name
     if not (folder / f"{name}.inter").is_file():
+        for domain in domains:
+            if not (Path(data_path) / domain / f"{domain}.inter").is_file():
+                raise UserInputError(missing_dataset_message(domain, Path(data_path) / domain / f"{domain}.inter"))
         inputs = [str(Path(data_path) / domain) for domain in domains]
         prepare_main(["merge", "--inputs", *inputs, "--out", str(folder), "--name", name])
     return name
@@ -70,10 +78,14 @@ def check_atomic_files(config):
     """Fail with a clear message instead of RecBole's attempt to download an unknown dataset."""
     inter_file = Path(config["data_path"]) / f"{config['dataset']}.inter"
     if not inter_file.is_file() and config["benchmark_filename"] is None:
-        raise UserInputError(
-            f"dataset '{config['dataset']}' not found: no {inter_file}. Pass --data_path=<folder holding "
-            f"{config['dataset']}/{config['dataset']}.inter>, or prepare it with `python -m recbole_st2si.data.prepare`"
-        )
+        raise UserInputError(missing_dataset_message(config["dataset"], inter_file))
+
+
+def missing_dataset_message(name, inter_file):
+    return (
+        f"dataset '{name}' not found: no {inter_file}. Pass --data_path=<folder holding "
+        f"{name}/{name}.inter>, or prepare it with `python -m recbole_st2si.data.prepare`"
+    )
 
 
 def create_dataset(config):

@@ -1,5 +1,6 @@
 """Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
 
+import sys
 from pathlib import Path
 
 import pytest

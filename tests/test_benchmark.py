@@ -76,8 +76,8 @@ def test_crashed_model_is_reported_with_its_log(first_run):
     assert row["status"] == "failed" and row["failed_logs"] == "runs/GRU4Rec-seed2020.log"
     record = json.loads((results / "runs" / "GRU4Rec-seed2020.json").read_text())
     assert record["status"] == "failed" and record["returncode"] != 0
-    assert "negative dimension" in record["log_tail"]
-    assert "negative dimension" in (results / "runs" / "GRU4Rec-seed2020.log").read_text()
+    assert "embedding_size must be an integer >= 1, got -1" in record["log_tail"]
+    assert "embedding_size must be an integer >= 1" in (results / "runs" / "GRU4Rec-seed2020.log").read_text()
     assert "| GRU4Rec |" in (results / "README.md").read_text()
 
 
@@ -311,6 +311,13 @@ def test_comparability_check_names_the_differing_setting():
     expected = r'eval_mode: null \(SASRec-seed1\) vs "uni19" \(GRU4Rec-seed1\)'
     with pytest.raises(benchmark.ComparabilityError, match=expected):
         benchmark.check_comparable(different)
+
+
+def test_a_benchmark_whose_only_run_failed_links_no_chart(tmp_path):
+    rows = benchmark.write_report(tmp_path, [fake_run("SASRec", 1, 0.1, status="failed")], benchmark.PROTOCOLS["full"],
+                                  "python -m recbole_st2si.benchmark", "tiny")
+    assert rows[0]["status"] == "failed"
+    assert ".png" not in (tmp_path / "README.md").read_text() and not list(tmp_path.glob("*.png"))
 
 
 def test_versions_are_reported_without_git(monkeypatch):

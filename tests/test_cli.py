@@ -58,12 +58,19 @@ def test_cli_trains_and_tests_on_the_tiny_dataset(model, extra, expected, tmp_pa
         (["--dataset=tiny", "--text_fields=['colour']"], "has no item field(s) ['colour']"),
         (["--model=NoSuchModel", "--dataset=tiny"], "unknown model 'NoSuchModel'"),
         (["--dataset=tiny", "epochs=2"], "unrecognized argument 'epochs=2'"),
+        (["--dataset=tiny", "--learning_rate=-1", "--epochs=0"], "error: epochs must be an integer >= 1, got 0\n"
+                                                                 "error: learning_rate must be a number > 0, got -1"),
+        (["--dataset=tiny", "--learnig_rate=1e-3"], "unknown setting learnig_rate (from the command line or "
+                                                    "config_dict); did you mean learning_rate"),
+        (["--dataset=tiny", "--resume=True", "--checkpoint_file=none.pth"], "resume needs the checkpoint"),
+        (["--dataset=Food,Cell", "--train_stage=pretrain"], "dataset 'Food' not found"),
     ],
 )
 def test_cli_reports_user_errors_in_one_line(args, message, tmp_path):
     result = run_cli(f"--data_path={DATA_DIR}", *args, cwd=tmp_path)
     assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert "prepare merge" not in result.stderr
 
 
 def test_backbone_from_a_local_directory(tiny_backbone_dir):

@@ -1,5 +1,7 @@
 """Efficient ILP tuning (cached [Q] states), pre-training and transfer, LoRA, ILP files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from recbole.data.interaction import Interaction
@@ -15,6 +17,7 @@ from recbole_st2si.feature_cache import (
 )
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.safe_io import save_checked
 from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
 
@@ -223,7 +226,7 @@ def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
     reloaded, _ = build(make_config(ilp_checkpoint=str(path), seed=8))
     assert torch.equal(reloaded.ilp.weight, model.ilp.weight)
 
-    torch.save({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
+    save_checked({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
     with pytest.raises(UserInputError, match="scores other items"):
         build(make_config(ilp_checkpoint=str(path)))
 
@@ -279,6 +282,7 @@ def test_ilp_run_trains_on_the_cache_and_saves_the_best_ilp(settings, tmp_path):
     result = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(**ilp_settings(tmp_path, epochs=2)))
     trainer = result["trainer"]
     assert trainer.feature_cache is not None and len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    ilp = torch.load(tmp_path / "saved" / "ST2SI-tiny-ilp.pth", weights_only=True)
+    checkpoint = Path(trainer.saved_model_file)
+    ilp = torch.load(checkpoint.with_name(f"{checkpoint.stem}-ilp.pth"), weights_only=True)
     best = torch.load(trainer.saved_model_file, weights_only=True)["state_dict"]
     assert torch.equal(ilp["weight"], best["ilp.weight"])

@@ -23,6 +23,7 @@ from recbole_st2si.backbone import (
     padding_token_id,
 )
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.safe_io import DamagedFileError, load_checked, save_checked
 
 TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
 PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
@@ -72,6 +73,20 @@ class ST2SI(SequentialRecommender):
     input_type = InputType.POINTWISE
     train_stages = TRAIN_STAGES  # a benchmark runs one row per stage
     resolve_settings = staticmethod(resolve_auto_settings)  # settings that depend on the machine
+
+    @staticmethod
+    def setting_choices():
+        """The settings that take one of a few words, checked before any work."""
+        from recbole_st2si.data.windows import TRAIN_WINDOWS
+        from recbole_st2si.feature_cache import CACHE_DTYPES
+        from recbole_st2si.trainer import AUTOCAST_DTYPES
+
+        return {
+            "train_stage": ("auto", *TRAIN_STAGES),
+            "train_window": TRAIN_WINDOWS,
+            "mixed_precision": tuple(AUTOCAST_DTYPES),
+            "feature_cache_dtype": ("auto", *CACHE_DTYPES),
+        }
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -125,13 +140,15 @@ class ST2SI(SequentialRecommender):
     def save_ilp(self, path):
         """Save the ILP with the item ids it scores: one small file per dataset, so one backbone
         serves many domains and switching a domain means loading another ILP."""
-        torch.save({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
+        save_checked({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
 
     def load_ilp(self, path):
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as error:
-            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error})") from None
+            saved = load_checked(path)
+        except FileNotFoundError:
+            raise UserInputError(f"ilp_checkpoint {path}: no such file") from None
+        except DamagedFileError as error:
+            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error.reason})") from None
         if saved["items"] != self.item_tokens or saved["weight"].shape != self.ilp.weight.shape:
             raise UserInputError(
                 f"ilp_checkpoint {path} scores other items or another backbone width than this dataset and backbone"

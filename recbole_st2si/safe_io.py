@@ -1,0 +1,238 @@
+"""Files written whole or not at all, and read back only when they are what was written.
+
+Every file the package writes (checkpoints, the ILP file, feature caches, run records, result
+tables) goes through :func:`atomic_file`: it is written to a temporary file in the target's folder,
+flushed to the disk and renamed over the target, so a crash, a kill or a full disk never leaves a
+half-written file in its place, and the previous good file stays until the new one is complete.
+
+Checkpoints and caches are dictionaries of tensors and numbers saved with :func:`save_checked`,
+which stores a SHA-256 digest of their contents beside them; :func:`load_checked` recomputes it, so
+a cut, overwritten or otherwise damaged file is reported instead of being used.
+"""
+
+import errno
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from recbole_st2si.errors import UserInputError
+
+CHECKSUM_KEY = "sha256"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UserInputError):
+    """The disk (or quota) ran out while a file was written; the previous file is intact."""
+
+
+class DamagedFileError(UserInputError):
+    """A checkpoint or cache that cannot be read or whose contents do not match its checksum."""
+
+    def __init__(self, path, reason, remedy=None):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged ({reason})" + (f": {remedy}" if remedy else ""))
+
+
+def human_size(num_bytes):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+
+
+class _RecordingWriter:
+    """A file wrapper that remembers the ``OSError`` of a failed write: ``torch.save`` replaces it
+    by an unhelpful ``RuntimeError`` (``unexpected pos ...``)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def _write_error(path, error, size):
+    if error.errno in DISK_FULL_ERRNOS:
+        size_text = f" ({human_size(size)})" if size is not None else ""
+        return DiskFullError(
+            f"disk full: could not write {path}{size_text}: {error.strerror}; the previous file, if any, is "
+            "unchanged. Free some space there or choose another folder"
+        )
+    return UserInputError(f"cannot write {path}: {error.strerror or error}")
+
+
+@contextmanager
+def atomic_file(path, size=None, text=False):
+    """Yield a file to write ``path``'s new contents to; it replaces ``path`` only once complete.
+
+    ``size``: the expected number of bytes, for the disk-full message. Any error removes the
+    temporary file; a full disk or an unwritable folder becomes one :class:`UserInputError` line.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's files are private; the target gets the usual mode
+    except OSError as error:
+        raise _write_error(path, error, size) from None
+    writer = None
+    try:
+        with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as file:
+            writer = file if text else _RecordingWriter(file)
+            yield writer
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        _sync_folder(path.parent)
+    except BaseException as error:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        cause = getattr(writer, "error", None) or error
+        if isinstance(cause, OSError):
+            raise _write_error(path, cause, size) from None
+        raise
+
+
+@lru_cache(maxsize=None)
+def _umask():
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _sync_folder(folder):
+    """Make the rename itself durable (best effort: not every file system opens folders)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder to fill; it replaces the folder ``path`` only once complete."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        temporary.chmod(0o777 & ~_umask())
+    except OSError as error:
+        raise _write_error(path, error, None) from None
+    try:
+        yield temporary
+        if path.exists():
+            previous = temporary.with_suffix(".old")
+            os.replace(path, previous)
+            os.replace(temporary, path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(temporary, path)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error, None) from None
+        raise
+
+
+def write_text(path, text):
+    """Replace ``path`` by ``text`` atomically."""
+    with atomic_file(path, size=len(text.encode("utf-8")), text=True) as file:
+        file.write(text)
+
+
+def payload_size(value):
+    """The bytes of the tensors in ``value``: about the size of its saved file."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(payload_size(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_size(item) for item in value)
+    return 0
+
+
+def save_torch(value, path):
+    """``torch.save`` through :func:`atomic_file`."""
+    with atomic_file(path, size=payload_size(value)) as file:
+        torch.save(value, file)
+
+
+def content_digest(value):
+    """SHA-256 over the structure, tensors (dtype, shape, bytes) and plain values of ``value``."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest, value):
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {tensor.dtype} {tuple(value.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def save_checked(record: dict, path):
+    """Save a dictionary of tensors and numbers atomically, with the digest of its contents."""
+    save_torch({**record, CHECKSUM_KEY: content_digest(record)}, path)
+
+
+def load_checked(path, map_location="cpu", remedy=None) -> dict:
+    """Load a file written by :func:`save_checked`, tensors and numbers only, and verify its digest.
+
+    Raises :class:`DamagedFileError` (naming the file, why, and ``remedy``) for a file that cannot
+    be read, holds anything else, or whose contents changed; a missing file is a ``FileNotFoundError``.
+    """
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as error:  # PyTorch's advice to load it with weights_only=False does not apply
+        if "Unsupported global" in str(error):
+            raise DamagedFileError(path, "it holds objects other than tensors and numbers, which are never loaded",
+                                   remedy) from None
+        raise DamagedFileError(path, "cannot be read, cut short or not a PyTorch file", remedy) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+        raise DamagedFileError(path, f"cannot be read, cut short or not a PyTorch file: {detail}", remedy) from None
+    if not isinstance(record, dict) or CHECKSUM_KEY not in record:
+        raise DamagedFileError(path, "it has no checksum: not written by this version of recbole-st2si", remedy)
+    expected = record.pop(CHECKSUM_KEY)
+    if content_digest(record) != expected:
+        raise DamagedFileError(path, "its contents do not match their checksum", remedy)
+    return record

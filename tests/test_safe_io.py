@@ -1,0 +1,217 @@
+"""Nothing lost, nothing silently wrong: atomic writes, a full disk, damaged checkpoints and caches."""
+
+import errno
+import logging
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+from recbole_st2si import benchmark, feature_cache, safe_io
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.feature_cache import load_or_compute
+from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.safe_io import DamagedFileError, DiskFullError, load_checked, save_checked, write_text
+
+from .test_ilp_tuning import build, ilp_config
+
+
+def no_space_after(monkeypatch, limit):
+    """Writes through :func:`safe_io.atomic_file` fail with ENOSPC once ``limit`` bytes are written."""
+    written = {"bytes": 0}
+    original = safe_io._RecordingWriter.write
+
+    def write(self, data):
+        written["bytes"] += len(data)
+        if written["bytes"] > limit:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
+        return original(self, data)
+
+    monkeypatch.setattr(safe_io._RecordingWriter, "write", write)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_size_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    save_checked({"weight": torch.ones(1000)}, path)
+    previous = path.read_bytes()
+    no_space_after(monkeypatch, limit=2000)
+    with pytest.raises(DiskFullError) as caught:
+        save_checked({"weight": torch.zeros(10_000)}, path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and "disk full" in message
+    assert "39.1 KB" in message and "No space left on device" in message  # 10,000 float32 values
+    assert path.read_bytes() == previous
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["model.pth"], "no temporary file stays"
+
+
+def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "results.csv"
+    write_text(path, "old\n")
+
+    class Broken(Exception):
+        pass
+
+    with pytest.raises(Broken):
+        with safe_io.atomic_file(path, text=True) as file:
+            file.write("new, half")
+            raise Broken
+    assert path.read_text() == "old\n" and [file.name for file in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
+    write_text(tmp_path / "README.md", "table\n")
+    (tmp_path / "plain.md").write_text("table\n")
+    assert (tmp_path / "README.md").stat().st_mode == (tmp_path / "plain.md").stat().st_mode
+
+
+def test_a_real_full_disk(tmp_path):
+    """A 1 MB tmpfs (needs root to mount; skipped elsewhere)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = mount_point / "model.pth"
+        save_checked({"weight": torch.ones(1000)}, path)
+        previous = path.read_bytes()
+        with pytest.raises(DiskFullError, match="No space left on device"):
+            save_checked({"weight": torch.zeros(1_000_000)}, path)
+        assert path.read_bytes() == previous and [file.name for file in mount_point.iterdir()] == ["model.pth"]
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def random_bytes(path):
+    path.write_bytes(torch.randint(0, 256, (path.stat().st_size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+
+
+def zero_tensor_bytes(path, tensor):
+    """Overwrite a tensor's stored bytes with zeros, leaving the file's structure intact."""
+    data = path.read_bytes()
+    stored = tensor.numpy().tobytes()
+    assert data.count(stored) == 1
+    path.write_bytes(data.replace(stored, bytes(len(stored))))
+
+
+def test_damaged_files_are_refused_with_the_reason(tmp_path):
+    weight = torch.randn(64, 8)
+    cases = {"cut": cut_in_half, "random": random_bytes, "zeroed": lambda path: zero_tensor_bytes(path, weight)}
+    reasons = {}
+    for name, damage in cases.items():
+        path = tmp_path / f"{name}.pth"
+        save_checked({"weight": weight, "epoch": 3}, path)
+        assert torch.equal(load_checked(path)["weight"], weight)
+        damage(path)
+        with pytest.raises(DamagedFileError) as caught:
+            load_checked(path, remedy="delete it")
+        assert str(path) in str(caught.value) and str(caught.value).endswith(": delete it")
+        reasons[name] = caught.value.reason
+    assert reasons["zeroed"] == "its contents do not match their checksum"
+    assert reasons["cut"].startswith("cannot be read") and "weights_only" not in reasons["random"]
+
+
+def test_a_pickled_object_is_refused_without_pytorchs_weights_only_advice(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.ones(2), "payload": uuid.uuid4()}, path)
+    with pytest.raises(DamagedFileError) as caught:
+        load_checked(path)
+    assert "other than tensors and numbers" in str(caught.value) and "weights_only" not in str(caught.value)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def test_resuming_from_a_damaged_checkpoint_names_the_file_and_the_choice(settings, tmp_path):
+    checkpoint = tmp_path / "run.pth"
+    run_recbole_st2si("SASRec", "tiny", config_dict=settings(hidden_size=8, inner_size=16, n_layers=1, n_heads=1),
+                      checkpoint_file=checkpoint)
+    cut_in_half(checkpoint)
+    with pytest.raises(UserInputError) as caught:
+        run_recbole_st2si("SASRec", "tiny", config_dict=settings(epochs=2), checkpoint_file=checkpoint, resume=True)
+    message = str(caught.value)
+    assert "\n" not in message and str(checkpoint) in message
+    assert "start over with another --checkpoint_file, or delete it" in message
+
+
+def test_an_ilp_file_holding_a_pickled_object_is_refused_in_one_line(make_config, tmp_path):
+    path = tmp_path / "ilp.pth"
+    torch.save({"weight": torch.ones(2), "items": uuid.uuid4()}, path)
+    with pytest.raises(UserInputError, match=r"ilp_checkpoint .*ilp.pth: cannot read it \(it holds objects other than"):
+        build(make_config(ilp_checkpoint=str(path)))
+
+
+def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_path):
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    run_recbole_st2si("ST2SI", "tiny", config_dict=settings(), checkpoint_file=first)
+    before = (tmp_path / "first-ilp.pth").read_bytes()
+    run_recbole_st2si("ST2SI", "tiny", config_dict=settings(seed=8), checkpoint_file=second)
+    assert (tmp_path / "second-ilp.pth").is_file() and (tmp_path / "first-ilp.pth").read_bytes() == before
+    assert not list(tmp_path.rglob("ST2SI-tiny-ilp.pth")), "no ILP file shared by every run on a dataset"
+
+
+# --- feature caches --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_run(make_config, tmp_path):
+    """A config, model and sequences whose feature cache has been built once: ``(config, model, sequences,
+    features, path)``."""
+    config = ilp_config(make_config, tmp_path)
+    model, loaders = build(config)
+    sequences = loaders[0].windows.sequences
+    features = load_or_compute(config, model, sequences)
+    (path,) = (tmp_path / "cache").glob("*.pt")
+    return config, model, sequences, features, path
+
+
+@pytest.mark.parametrize("damage", ["cut", "random", "zeroed test states"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(cache_run, damage, caplog):
+    config, model, sequences, features, path = cache_run
+    if damage == "cut":
+        cut_in_half(path)
+    elif damage == "random":
+        random_bytes(path)
+    else:
+        test_rows = sequences.transition_index(torch.tensor([0]), sequences.test_position[:1])
+        zero_tensor_bytes(path, features.transitions[test_rows[0]])
+    with caplog.at_level(logging.WARNING):
+        rebuilt = load_or_compute(config, model, sequences)
+    assert "is damaged" in caplog.text and "it is rebuilt" in caplog.text and str(path) in caplog.text
+    assert torch.equal(rebuilt.transitions, features.transitions)
+    assert torch.equal(load_checked(path)["transitions"], features.transitions), "the rebuilt cache is stored"
+
+
+def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, monkeypatch):
+    config, model, sequences, features, path = cache_run
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wa+x"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(feature_cache, "open", read_only_open, raising=False)
+    assert torch.equal(load_or_compute(config, model, sequences).transitions, features.transitions)
+    path.unlink()
+    with pytest.raises(UserInputError, match="cannot be written \\(Read-only file system\\) and holds no cache"):
+        load_or_compute(config, model, sequences)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def test_the_benchmark_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise DiskFullError(f"disk full: could not write {tmp_path}/runs/x.json (2.0 KB): No space left on device")
+
+    monkeypatch.setattr(benchmark, "run_all", full_disk)
+    status = benchmark.main(["--dataset=tiny", "--models=SASRec", f"--output_dir={tmp_path}"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().startswith("error: disk full: could not write")
