@@ -115,7 +115,7 @@ class HistoryState:
 
     items: list
     num_tokens: int
-    past_key_values: object
+    cache: object
     last_query_state: torch.Tensor
 
 
@@ -316,7 +316,7 @@ class ST2SI(SequentialRecommender):
         return HistoryState(
             items=window[kept].tolist(),
             num_tokens=input_ids.shape[1],
-            past_key_values=output.past_key_values,
+            cache=output.cache,
             last_query_state=output.last_hidden_state[0, query_pos[0, -1]],
         )
 
@@ -334,10 +334,10 @@ class ST2SI(SequentialRecommender):
             input_ids=self.segment_tokens[item, :new_tokens][None],
             attention_mask=torch.ones((1, total), dtype=torch.long, device=self.device),
             position_ids=torch.arange(state.num_tokens, total, device=self.device)[None],
-            past_key_values=state.past_key_values,
+            cache=state.cache,
             use_cache=True,
         )
-        return HistoryState(state.items + [item], total, output.past_key_values, output.last_hidden_state[0, -1])
+        return HistoryState(state.items + [item], total, output.cache, output.last_hidden_state[0, -1])
 
     # ------------------------------------------------------------------ RecBole interface
     def forward(self, item_seq, item_seq_len):
