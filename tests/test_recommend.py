@@ -17,7 +17,13 @@ from recbole_st2si.recommend import load_recommender, main
 from recbole_st2si.utils import create_dataset
 from tests.conftest import DATA_DIR, tiny_settings
 
-RUNS = {"SASRec": ("SASRec", {}), "ST2SI-ilp": ("ST2SI", {"train_stage": "ilp"}), "ST2SI-full": ("ST2SI", {})}
+RUNS = {
+    "SASRec": ("SASRec", {}),
+    "GRU4Rec": ("GRU4Rec", {}),
+    "ST2SI-ilp": ("ST2SI", {"train_stage": "ilp"}),
+    "ST2SI-full": ("ST2SI", {}),
+    "ST2SI-lora": ("ST2SI", {"train_stage": "lora", "lora_target_modules": ["q_proj", "v_proj"]}),
+}
 
 
 @pytest.fixture(scope="module")
