@@ -41,10 +41,10 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
-def measure(model_file, users, history_length, batch_size, device, k=10):
+def measure(model_file, users, history_length, batch_size, device, precision, k=10):
     """Every figure of one model, measured in this process."""
     start = time.perf_counter()
-    recommender = load_recommender(model_file, device=device)
+    recommender = load_recommender(model_file, device=device, precision=precision)
     load_s = time.perf_counter() - start
     histories = [h for h in (recommender.user_history(user) for user in recommender.users) if len(h) > history_length]
     histories = [history[-history_length:] for history in histories[:users]]
@@ -64,6 +64,7 @@ def measure(model_file, users, history_length, batch_size, device, k=10):
         "model_file": str(model_file),
         "model": recommender.model.__class__.__name__,
         "train_stage": getattr(recommender.model, "train_stage", None),
+        "precision": precision if hasattr(recommender.model, "backbone") else "fp32",
         "parameters": sum(parameter.numel() for parameter in recommender.model.parameters()),
         "users": len(histories),
         "history_length": history_length,
@@ -85,7 +86,7 @@ def table(results):
     ]
     for result in results:
         fresh, incremental = np.array(result["fresh_ms"]), np.array(result["incremental_ms"])
-        name = result["model"] + (f" `{result['train_stage']}`" if result["train_stage"] else "")
+        name = result["model"] + (f" `{result['train_stage']}`, {result['precision']}" if result["train_stage"] else "")
         lines.append(
             f"| {name} | {result['parameters']:,} | {np.median(fresh):.1f} / {np.percentile(fresh, 95):.1f} "
             f"| {np.median(incremental):.1f} / {np.percentile(incremental, 95):.1f} "
@@ -98,7 +99,8 @@ def table(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_files", nargs="+", required=True, help="checkpoints saved by run_recbole_st2si.py")
+    parser.add_argument("--model_files", nargs="+", required=True,
+                        help="checkpoints saved by run_recbole_st2si.py; FILE:bf16 runs ST2SI's backbone in bf16")
     parser.add_argument("--users", type=int, default=100, help="users measured per model")
     parser.add_argument("--history_length", type=int, default=50, help="items per history (ml-100k's window is 50)")
     parser.add_argument("--batch_size", type=int, default=32, help="users per batch for the throughput")
@@ -107,7 +109,8 @@ def main():
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = measure(args.model_files[0], args.users, args.history_length, args.batch_size, args.device)
+        model_file, _, precision = args.model_files[0].partition(":")
+        result = measure(model_file, args.users, args.history_length, args.batch_size, args.device, precision or "fp32")
         print(json.dumps(result))
         return
     results = []

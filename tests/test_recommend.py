@@ -177,3 +177,14 @@ def test_extending_a_history_runs_only_the_new_item_and_equals_a_fresh_encoding(
         assert steps == [True] * 9 + [False] * 6
     else:  # the token limit slides the window earlier
         assert any(steps) and not all(steps[:9])
+
+
+def test_a_bf16_backbone_gives_float32_scores_close_to_float32(saved_runs):
+    model_file = saved_runs["ST2SI-full"][0]
+    history = [["1", "2", "3", "4"]]
+    exact = load_recommender(model_file).recommend(history, k=40)
+    fast = load_recommender(model_file, precision="bf16")
+    assert next(fast.model.backbone.parameters()).dtype == torch.bfloat16
+    top = fast.recommend(history, k=40)
+    scores = dict(zip(top.items[0], top.scores[0]))
+    assert [scores[item] for item in exact.items[0]] == pytest.approx(exact.scores[0], abs=0.05)
