@@ -33,7 +33,6 @@ from logging import getLogger
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
@@ -55,7 +54,7 @@ def has_cached_states(interaction):
 
 def cached_loss(model, interaction):
     """The model's loss on a cached training batch: every state predicts its item through the ILP."""
-    return F.cross_entropy(model.item_logits(interaction[QUERY_FEATURE]), interaction[model.POS_ITEM_ID])
+    return model.ilp_loss(interaction[QUERY_FEATURE], interaction[model.POS_ITEM_ID])
 
 
 def cached_item_scores(model, interaction):

@@ -9,6 +9,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.recommend import write_serving_file
 from recbole_st2si.trainer import get_trainer, resume_state_file
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
@@ -59,6 +60,8 @@ def run_recbole_st2si(
         trainer.saved_model_file = str(checkpoint_file)
         if resume:
             trainer.resume_checkpoint(checkpoint_file)
+    if saved and config["local_rank"] == 0:  # before training: an interrupted run can be served too
+        write_serving_file(config, dataset, model, trainer.saved_model_file)
     fit_start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn

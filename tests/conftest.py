@@ -36,23 +36,28 @@ def tiny_backbone_dir(tmp_path_factory):
     return folder
 
 
+def tiny_settings(backbone_dir, checkpoint_dir, **overrides):
+    """Config entries for ST2SI on the tiny dataset and a tiny backbone."""
+    entries = {
+        "data_path": str(DATA_DIR),
+        "llm_path": str(backbone_dir),
+        "train_stage": "full",
+        "show_progress": False,
+        "checkpoint_dir": str(checkpoint_dir),
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "epochs": 1,
+        "seed": 7,
+    }
+    entries.update(overrides)
+    return entries
+
+
 @pytest.fixture
 def settings(tiny_backbone_dir, tmp_path):
-    """``settings(**overrides)``: config entries for ST2SI on the tiny dataset and tiny backbone."""
+    """``settings(**overrides)``: :func:`tiny_settings` with checkpoints under the test's folder."""
 
     def build(**overrides):
-        entries = {
-            "data_path": str(DATA_DIR),
-            "llm_path": str(tiny_backbone_dir),
-            "train_stage": "full",
-            "show_progress": False,
-            "checkpoint_dir": str(tmp_path / "saved"),
-            "MAX_ITEM_LIST_LENGTH": 10,
-            "epochs": 1,
-            "seed": 7,
-        }
-        entries.update(overrides)
-        return entries
+        return tiny_settings(tiny_backbone_dir, tmp_path / "saved", **overrides)
 
     return build
 

@@ -9,6 +9,8 @@ goes through the item linear projection (ILP, ``hidden -> n_items``) and predict
 Reference: "Learning Transition Patterns by Large Language Models for Sequential Recommendation".
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -53,6 +55,73 @@ def resolve_auto_settings(config):
             config["ilp_learning_rate"] = config["frozen_ilp_learning_rate"]
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the ILP scores ``states @ weight.T`` (float32) over items ``1 ..``
+    (padding item 0 is never a candidate), computed chunk by chunk of ``chunk_size`` items.
+
+    The forward pass keeps one log-sum-exp per query; the backward pass recomputes each chunk's
+    scores, so memory grows with queries x chunk, never with queries x items.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, chunk_size):
+        with torch.autocast(states.device.type, enabled=False):
+            features, rows = states.float(), weight.float()
+            log_norm = torch.full((len(features),), float("-inf"), device=features.device)
+            for start in range(1, len(rows), chunk_size):
+                chunk_scores = features @ rows[start : start + chunk_size].T
+                log_norm = torch.logaddexp(log_norm, torch.logsumexp(chunk_scores, dim=1))
+            target_scores = (features * rows[targets]).sum(1)
+        ctx.save_for_backward(states, weight, targets, log_norm)
+        ctx.chunk_size = chunk_size
+        return (log_norm - target_scores).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        states, weight, targets, log_norm = ctx.saved_tensors
+        with torch.autocast(states.device.type, enabled=False):
+            features, rows = states.float(), weight.float()
+            scale = grad_output.float() / len(features)
+            grad_features = -scale * rows[targets]
+            grad_rows = torch.zeros_like(rows)
+            grad_rows.index_add_(0, targets, -scale * features)
+            for start in range(1, len(rows), ctx.chunk_size):
+                chunk = rows[start : start + ctx.chunk_size]
+                probabilities = torch.exp(features @ chunk.T - log_norm[:, None]) * scale
+                grad_features += probabilities @ chunk
+                grad_rows[start : start + len(chunk)] += probabilities.T @ features
+        return grad_features.to(states.dtype), grad_rows.to(weight.dtype), None, None
+
+
+def merge_top_k(best_scores, best_items, scores, first_item, k):
+    """Fold one chunk of scores (items ``first_item ..``) into a running top-k."""
+    items = torch.arange(first_item, first_item + scores.shape[1], device=scores.device).expand_as(scores)
+    scores, items = torch.cat([best_scores, scores], 1), torch.cat([best_items, items], 1)
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.values, items.gather(1, top.indices)
+
+
+def mask_items(scores, items, first_item=0):
+    """Set to -inf the scores of ``items`` (``[B, L]`` ids, 0 = none) in a chunk of scores that starts
+    at item ``first_item``; item 0 is padding and never a candidate anyway."""
+    column = items - first_item
+    inside = (items > 0) & (column >= 0) & (column < scores.shape[1])
+    rows = torch.arange(len(items), device=items.device)[:, None].expand_as(items)
+    scores[rows[inside], column[inside]] = float("-inf")
+    return scores
+
+
+@dataclass
+class HistoryState:
+    """An encoded history kept for incremental recommendation: the items in the backbone's window,
+    the backbone's key/values over their tokens, and the last ``[Q]`` state (what the ILP scores)."""
+
+    items: list
+    num_tokens: int
+    cache: object
+    last_query_state: torch.Tensor
+
+
 def with_lora_adapters(backbone, config):
     """Wrap the backbone with LoRA adapters (``peft``); only they and the ILP are trained."""
     from peft import LoraConfig, get_peft_model
@@ -95,6 +164,7 @@ class ST2SI(SequentialRecommender):
             raise UserInputError(f"train_stage must be one of {TRAIN_STAGES}, got {self.train_stage!r}")
         self.multi_query = config["multi_query"]
         self.max_seq_tokens = config["max_seq_tokens"]
+        self.ilp_chunk_size = config["ilp_chunk_size"] or None
         if self.max_seq_length < 2:
             raise UserInputError("MAX_ITEM_LIST_LENGTH must be at least 2 (alignment samples use two slots)")
 
@@ -221,12 +291,74 @@ class ST2SI(SequentialRecommender):
         last = (item_seq_len - 1)[:, None]
         return targets.scatter(1, last, target[:, None])
 
-    def item_logits(self, states):
-        """ILP scores of every item in float32, also under autocast: in bf16 many of the scores of a
-        large catalogue would tie. The padding item 0 is never a candidate."""
+    def item_logits(self, states, first_item=0, end_item=None):
+        """ILP scores of every item (or of items ``first_item .. end_item - 1``) in float32, also under
+        autocast: in bf16 many of the scores of a large catalogue would tie. The padding item 0 is
+        never a candidate."""
         with torch.autocast(states.device.type, enabled=False):
-            logits = F.linear(states.float(), self.ilp.weight.float())
+            logits = F.linear(states.float(), self.ilp.weight[first_item:end_item].float())
+        if first_item > 0:
+            return logits
         return logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), float("-inf"))
+
+    def ilp_loss(self, states, targets):
+        """Cross-entropy of the ILP scores; over item chunks of ``ilp_chunk_size`` when the catalogue
+        is larger, so that a million items fit in memory."""
+        if self.ilp_chunk_size and self.ilp_chunk_size < self.n_items:
+            return ChunkedCrossEntropy.apply(states, self.ilp.weight, targets, self.ilp_chunk_size)
+        return F.cross_entropy(self.item_logits(states), targets)
+
+    @torch.no_grad()
+    def top_items(self, states, k, exclude=None):
+        """The ``k`` best items of each state and their float32 scores, ``[B, k]`` each, computed over
+        item chunks of ``ilp_chunk_size``; ``exclude`` (``[B, L]`` item ids, 0 = none) are never ranked."""
+        chunk = self.ilp_chunk_size or self.n_items
+        best_scores = states.new_empty((len(states), 0), dtype=torch.float32)
+        best_items = torch.empty((len(states), 0), dtype=torch.long, device=states.device)
+        for start in range(0, self.n_items, chunk):
+            scores = self.item_logits(states, start, start + chunk)
+            if exclude is not None:
+                scores = mask_items(scores, exclude, start)
+            best_scores, best_items = merge_top_k(best_scores, best_items, scores, start, k)
+        return best_scores, best_items
+
+    # ------------------------------------------------------------------ incremental encoding
+    @torch.no_grad()
+    def encode_history(self, items):
+        """Encode one history (internal item ids, oldest first) and keep the backbone's key/values.
+
+        The window is the one :meth:`assemble_inputs` takes: the most recent ``MAX_ITEM_LIST_LENGTH``
+        items, then the most recent of those whose tokens stay below ``max_seq_tokens``.
+        """
+        window = torch.tensor([list(items)[-self.max_seq_length :]], dtype=torch.long, device=self.device)
+        length = torch.tensor([window.shape[1]], device=self.device)
+        input_ids, _, position_ids, query_pos, kept = self.assemble_inputs(window, length)
+        output = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=True)
+        return HistoryState(
+            items=window[kept].tolist(),
+            num_tokens=input_ids.shape[1],
+            cache=output.cache,
+            last_query_state=output.last_hidden_state[0, query_pos[0, -1]],
+        )
+
+    @torch.no_grad()
+    def extend_history(self, state, item):
+        """``state`` with one more item: only its tokens and ``[Q]`` run, on the cached key/values.
+        When the window would drop its oldest item (the item or token limit), the new window is
+        encoded afresh, since every position and key then changes. ``state`` is consumed: its key/values
+        are extended in place."""
+        new_tokens = int(self.segment_len[item])
+        if len(state.items) + 1 > self.max_seq_length or state.num_tokens + new_tokens >= self.max_seq_tokens:
+            return self.encode_history(state.items + [item])
+        total = state.num_tokens + new_tokens
+        output = self.backbone(
+            input_ids=self.segment_tokens[item, :new_tokens][None],
+            attention_mask=torch.ones((1, total), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(state.num_tokens, total, device=self.device)[None],
+            cache=state.cache,
+            use_cache=True,
+        )
+        return HistoryState(state.items + [item], total, output.cache, output.last_hidden_state[0, -1])
 
     # ------------------------------------------------------------------ RecBole interface
     def forward(self, item_seq, item_seq_len):
@@ -241,7 +373,7 @@ class ST2SI(SequentialRecommender):
         targets = self.query_targets(item_seq, item_seq_len, target)
         if not self.multi_query:
             is_query = is_query & (torch.arange(item_seq.shape[1], device=item_seq.device) == (item_seq_len - 1)[:, None])
-        return F.cross_entropy(self.item_logits(states[is_query]), targets[is_query])
+        return self.ilp_loss(states[is_query], targets[is_query])
 
     def full_sort_predict(self, interaction):
         return self.item_logits(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))

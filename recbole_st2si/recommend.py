@@ -1,0 +1,374 @@
+"""Recommend from a saved run: the top-k items for a known user or for any history of item ids.
+
+    python -m recbole_st2si.recommend --model_file saved/ST2SI-Dec-02-2026_10-00-00.pth --user 196 --topk 10
+    python -m recbole_st2si.recommend --model_file saved/SASRec-....pth --history 50,172,133 --exclude_history
+
+ST2SI (every ``train_stage``) and RecBole's sequential models (SASRec, GRU4Rec, ...) are served the
+same way. A run that saves its checkpoint also writes a *serving file* beside it
+(``<checkpoint>.serving.pth``, see :func:`write_serving_file`): the configuration, the item
+vocabulary and titles, every user's history, and, for ST2SI, the item token table and which backbone
+it ran on with a hash of the weights the checkpoint does not hold (an ``ilp`` checkpoint holds only
+the ILP; its frozen backbone comes from ``llm_path`` again and must be the same).
+
+Histories are raw item ids, oldest first. A model reads at most ``MAX_ITEM_LIST_LENGTH`` items, the
+most recent ones, as in training and evaluation: a known user's history is cut so, while a given
+history that is longer is refused unless ``truncate`` (``--truncate``) asks for the cut.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.data.interaction import Interaction
+from recbole.utils import FeatureType
+from transformers.utils import logging as transformers_logging
+
+from recbole_st2si.errors import UserInputError
+from recbole_st2si.model.st2si import ST2SI, mask_items
+from recbole_st2si.safe_io import load_checked, save_checked
+from recbole_st2si.utils import get_model
+
+SERVING_FORMAT = 1
+
+
+def serving_file(model_file) -> Path:
+    """Where the serving file of the checkpoint ``model_file`` lies: beside it."""
+    path = Path(model_file)
+    return path.with_name(f"{path.stem}.serving.pth")
+
+
+def untrained_weights_digest(model) -> str:
+    """sha256 of the weights a checkpoint does not hold (those that did not train: the frozen
+    backbone of ``ilp`` and ``lora``); a checkpoint of ``full`` holds every weight."""
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name not in trained:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain_settings(config):
+    """The configuration's entries that a weights-only file stores (numbers, strings, lists, dicts)."""
+    settings = {}
+    for name, value in config.final_config_dict.items():
+        try:
+            settings[name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue  # the device, enums: restored or not needed when serving
+    return settings
+
+
+def _item_titles(dataset, text_fields) -> list[str]:
+    """Each item's title by internal id: its first text field (``text_fields``, else its first
+    ``token_seq`` field, e.g. for a baseline on a dataset without a dataset config); empty if none."""
+    columns = [] if dataset.item_feat is None else dataset.item_feat.columns
+    sequences = [name for name in columns if dataset.field2type[name] == FeatureType.TOKEN_SEQ]
+    field = (list(text_fields or []) or sequences or [None])[0]
+    if field not in columns:
+        return [""] * dataset.item_num
+    values = dataset.item_feat[field]
+    if dataset.field2type[field] == FeatureType.FLOAT:
+        return [f"{value:g}" for value in values.tolist()]
+    vocabulary = dataset.field2id_token[field]
+    return [" ".join(str(vocabulary[token]) for token in row if token) for row in values.view(len(values), -1).tolist()]
+
+
+def _user_histories(dataset, config):
+    """Every user's items in time order (CSR: ``items[offsets[u]:offsets[u + 1]]``), internal ids.
+
+    After its split a RecBole sequential dataset holds one row per target item, the items before it
+    in the row's item list: a user's history is the item list of the first row and every target.
+    """
+    inter = dataset.inter_feat
+    users = inter[dataset.uid_field].numpy()
+    times = inter[dataset.time_field].numpy() if dataset.time_field else np.zeros(len(users))
+    order = np.lexsort((np.arange(len(users)), times, users))
+    users, targets = users[order], inter[dataset.iid_field].numpy()[order]
+    seq_field = dataset.iid_field + config["LIST_SUFFIX"]
+    histories = [[] for _ in range(dataset.user_num)]
+    for row, (user, target) in enumerate(zip(users.tolist(), targets.tolist())):
+        if not histories[user] and seq_field in inter.columns:
+            first = order[row]
+            histories[user] = inter[seq_field][first, : inter[config["ITEM_LIST_LENGTH_FIELD"]][first]].tolist()
+        histories[user].append(target)
+    offsets = np.concatenate([[0], np.cumsum([len(history) for history in histories])])
+    return torch.tensor([item for history in histories for item in history], dtype=torch.long), torch.as_tensor(offsets)
+
+
+def write_serving_file(config, dataset, model, model_file):
+    """Write, beside the checkpoint ``model_file``, everything :func:`load_recommender` needs besides
+    the checkpoint itself, so that a saved run can be served without its dataset files."""
+    items, offsets = _user_histories(dataset, config)
+    info = {
+        "format": SERVING_FORMAT,
+        "model": config["model"],
+        "config": _plain_settings(config),
+        "items": [str(token) for token in dataset.field2id_token[dataset.iid_field]],
+        "titles": _item_titles(dataset, config["text_fields"]),
+        "users": [str(token) for token in dataset.field2id_token[dataset.uid_field]],
+        "history_items": items,
+        "history_offsets": offsets,
+    }
+    if isinstance(model, ST2SI):
+        info.update(
+            item_token_ids=dataset.item_token_ids,
+            item_token_len=dataset.item_token_len,
+            backbone={
+                "llm_path": config["llm_path"],
+                "pretrained_backbone": config["pretrained_backbone"],
+                "untrained_weights_sha256": untrained_weights_digest(model),
+            },
+        )
+    save_checked(info, serving_file(model_file))
+
+
+class SavedConfig(dict):
+    """Settings restored from a serving file; like RecBole's ``Config``, a missing key reads as None."""
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+
+class SavedDataset:
+    """What building a sequential model reads from its dataset, restored from a serving file."""
+
+    def __init__(self, info, config):
+        self.iid_field = config["ITEM_ID_FIELD"]
+        self.field2id_token = {self.iid_field: np.array(info["items"])}
+        self.item_token_ids = info.get("item_token_ids")
+        self.item_token_len = info.get("item_token_len")
+
+    def num(self, field):
+        return len(self.field2id_token[field])
+
+
+def _read(path, what):
+    return load_checked(path, remedy=f"this {what} cannot be served; train the run again")
+
+
+BACKBONE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_recommender(model_file, llm_path=None, device=None, precision="fp32"):
+    """A :class:`Recommender` for a checkpoint written by ``run_recbole_st2si.py``.
+
+    Args:
+        model_file: the checkpoint (``saved/<model>-<date>.pth``); its serving file lies beside it.
+        llm_path: where ST2SI's backbone is now, if not where training found it; its weights must
+            hash as recorded.
+        device: ``cpu`` (default) or ``cuda``.
+        precision: ST2SI's backbone weights in ``fp32`` (default) or ``bf16``, about twice as fast
+            where the hardware computes bf16 natively; the ILP scores stay float32 either way.
+    """
+    if precision not in BACKBONE_PRECISIONS:
+        raise UserInputError(f"precision must be one of {list(BACKBONE_PRECISIONS)}, got {precision!r}")
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise UserInputError(f"model file {model_file}: no such file")
+    sidecar = serving_file(model_file)
+    if not sidecar.is_file():
+        raise UserInputError(
+            f"{model_file} has no serving file {sidecar.name} beside it; runs write one when they save their checkpoint"
+        )
+    info = _read(sidecar, "serving file")
+    if info.get("format") != SERVING_FORMAT:
+        raise UserInputError(f"serving file {sidecar} has format {info.get('format')}, not {SERVING_FORMAT}")
+    config = SavedConfig(info["config"], device=torch.device(device or "cpu"), ilp_checkpoint=None)
+    if llm_path:
+        config["llm_path"] = llm_path
+    try:
+        model = get_model(info["model"])(config, SavedDataset(info, config))
+    except (AttributeError, KeyError) as error:
+        raise UserInputError(
+            f"{info['model']} needs more of its dataset than item ids ({error}); it cannot be served from a saved run"
+        ) from None
+    if isinstance(model, ST2SI):
+        _check_backbone(model, info["backbone"], config["llm_path"])
+    _load_weights(model, _read(model_file, "model file"), model_file)
+    if isinstance(model, ST2SI):
+        model.backbone.to(BACKBONE_PRECISIONS[precision])
+    return Recommender(model.to(config["device"]).eval(), info)
+
+
+def _check_backbone(model, recorded, llm_path):
+    if untrained_weights_digest(model) != recorded["untrained_weights_sha256"]:
+        raise UserInputError(
+            f"the backbone llm_path={llm_path!r} (pretrained_backbone={recorded['pretrained_backbone']!r}) is not the one "
+            f"this model was trained on (llm_path={recorded['llm_path']!r}): its weights hash differently"
+        )
+
+
+def _load_weights(model, checkpoint, model_file):
+    if checkpoint.get("model") != model.__class__.__name__:
+        raise UserInputError(f"{model_file} holds a {checkpoint.get('model')} model, not {model.__class__.__name__}")
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    not_saved = set(model.state_dict()) - trained if isinstance(model, ST2SI) else set()
+    if unexpected or set(missing) - not_saved:
+        raise UserInputError(
+            f"{model_file} does not match its serving file: missing {sorted(set(missing) - not_saved)[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+
+
+@dataclass
+class TopK:
+    """Recommendations for a batch of histories: raw item ids and their scores, best first."""
+
+    items: list
+    scores: list
+
+
+class Recommender:
+    """Top-k recommendations of a saved model for known users or for any history of raw item ids."""
+
+    def __init__(self, model, info):
+        self.model = model
+        self.items = info["items"]
+        self.titles = info["titles"]
+        self.item_ids = {token: index for index, token in enumerate(self.items) if index > 0}
+        self.users = {token: index for index, token in enumerate(info["users"]) if index > 0}
+        self.history_items, self.history_offsets = info["history_items"], info["history_offsets"]
+        self.max_items = model.max_seq_length
+
+    def user_history(self, user) -> list[str]:
+        """The raw item ids of a known user's history, oldest first."""
+        if str(user) not in self.users:
+            raise UserInputError(f"unknown user {user!r}: not in the dataset this model was trained on")
+        index = self.users[str(user)]
+        items = self.history_items[self.history_offsets[index] : self.history_offsets[index + 1]]
+        return [self.items[item] for item in items.tolist()]
+
+    def _internal_ids(self, history, truncate):
+        history = [str(item).strip() for item in history]
+        if not history:
+            raise UserInputError("the history is empty: give at least one item id")
+        unknown = [item for item in history if item not in self.item_ids]
+        if unknown:
+            raise UserInputError(f"unknown item id {unknown[0]!r}: not in the item vocabulary of this model")
+        if len(history) > self.max_items and not truncate:
+            raise UserInputError(
+                f"the history has {len(history)} items; this model reads at most {self.max_items} "
+                f"(MAX_ITEM_LIST_LENGTH): give the most recent {self.max_items}, or truncate (--truncate) to keep them"
+            )
+        return [self.item_ids[item] for item in history]
+
+    def _padded(self, rows):
+        table = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            table[row, : len(ids)] = torch.tensor(ids)
+        return table.to(self.model.device)
+
+    def _check_k(self, k):
+        if not 1 <= k < self.model.n_items:
+            raise UserInputError(f"topk must be between 1 and the number of items, {self.model.n_items - 1}; got {k}")
+
+    def _named(self, scores, items):
+        named_items, named_scores = [], []
+        for row_scores, row_items in zip(scores.tolist(), items.tolist()):
+            ranked = [(self.items[item], score) for item, score in zip(row_items, row_scores) if score > float("-inf")]
+            named_items.append([item for item, _ in ranked])
+            named_scores.append([score for _, score in ranked])
+        return TopK(named_items, named_scores)
+
+    @torch.no_grad()
+    def recommend(self, histories, k=10, exclude_history=False, truncate=False) -> TopK:
+        """The ``k`` best items after each history (a list of raw item ids, oldest first).
+
+        ``exclude_history`` never recommends an item of the history; ``truncate`` keeps the most
+        recent ``MAX_ITEM_LIST_LENGTH`` items of a longer history instead of refusing it.
+        """
+        self._check_k(k)
+        ids = [self._internal_ids(history, truncate) for history in histories]
+        windows = self._padded([row[-self.max_items :] for row in ids])
+        lengths = (windows > 0).sum(1)
+        exclude = self._padded(ids) if exclude_history else None
+        if isinstance(self.model, ST2SI):
+            return self._named(*self.model.top_items(self.model(windows, lengths), k, exclude))
+        interaction = Interaction({self.model.ITEM_SEQ: windows, self.model.ITEM_SEQ_LEN: lengths})
+        scores = self.model.full_sort_predict(interaction).float().view(len(ids), -1)
+        scores[:, 0] = float("-inf")
+        if exclude is not None:
+            scores = mask_items(scores, exclude)
+        top = scores.topk(k, dim=1)
+        return self._named(top.values, top.indices)
+
+    def recommend_users(self, users, k=10, exclude_history=False) -> TopK:
+        """The ``k`` best items for known users after their whole history (its most recent
+        ``MAX_ITEM_LIST_LENGTH`` items, as in training and evaluation)."""
+        histories = [self.user_history(user) for user in users]
+        return self.recommend(histories, k, exclude_history, truncate=True)
+
+    def session(self, history):
+        """A :class:`Session` that keeps ``history`` encoded for incremental updates."""
+        return Session(self, history)
+
+
+class Session:
+    """One user's growing history. For ST2SI the backbone's key/values of the history are kept, so
+    :meth:`add` runs only the new item's tokens and its ``[Q]``; when the oldest item leaves the
+    window (``MAX_ITEM_LIST_LENGTH`` or ``max_seq_tokens``) the window is encoded again. Other
+    models encode the history at each :meth:`recommend`."""
+
+    def __init__(self, recommender, history):
+        self.recommender = recommender
+        self.ids = recommender._internal_ids(history, truncate=True)
+        self.state = recommender.model.encode_history(self.ids) if isinstance(recommender.model, ST2SI) else None
+
+    def add(self, item):
+        """Append one raw item id to the history."""
+        (item_id,) = self.recommender._internal_ids([item], truncate=False)
+        self.ids.append(item_id)
+        if self.state is not None:
+            self.state = self.recommender.model.extend_history(self.state, item_id)
+
+    @torch.no_grad()
+    def recommend(self, k=10, exclude_history=False) -> TopK:
+        recommender = self.recommender
+        if self.state is None:
+            history = [recommender.items[item] for item in self.ids]
+            return recommender.recommend([history], k, exclude_history, truncate=True)
+        recommender._check_k(k)
+        exclude = recommender._padded([self.ids]) if exclude_history else None
+        return recommender._named(*recommender.model.top_items(self.state.last_query_state[None], k, exclude))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_file", required=True, help="a checkpoint saved by run_recbole_st2si.py")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id of the training data: recommend after the user's history")
+    who.add_argument("--history", help="raw item ids, oldest first, separated by commas (e.g. 50,172,133)")
+    parser.add_argument("--topk", type=int, default=10, help="how many items")
+    parser.add_argument("--exclude_history", action="store_true", help="never recommend an item of the history")
+    parser.add_argument("--truncate", action="store_true", help="keep the most recent items of a --history that is too long")
+    parser.add_argument("--llm_path", default=None, help="ST2SI: where the backbone it was trained on is now")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=list(BACKBONE_PRECISIONS), help="ST2SI's backbone weights")
+    args = parser.parse_args(argv)
+    transformers_logging.disable_progress_bar()
+    try:
+        recommender = load_recommender(args.model_file, args.llm_path, args.device, args.precision)
+        if args.user is not None:
+            top = recommender.recommend_users([args.user], args.topk, args.exclude_history)
+        else:
+            history = [item for item in args.history.split(",") if item.strip()]
+            top = recommender.recommend([history], args.topk, args.exclude_history, args.truncate)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print("item_id\ttitle\tscore")
+    for item, score in zip(top.items[0], top.scores[0]):
+        print(f"{item}\t{recommender.titles[recommender.item_ids[item]]}\t{score:.4f}")
+
+
+if __name__ == "__main__":
+    main()
