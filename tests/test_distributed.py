@@ -43,15 +43,16 @@ def recording_rank(local_rank, record_dir, *run_rank_args):
 
 
 def test_two_gloo_processes_split_the_samples_and_gather_the_metrics(tmp_path):
-    """Each rank trains on its own half of the samples; with learning rates of 0 both ranks keep
-    rank 0's initial weights (DDP broadcasts them), so the metrics gathered over the ranks' halves
-    of the users must equal those of one process evaluating every user with the same weights."""
+    """Each rank trains on its own half of the samples; with learning rates of 1e-12 (0 is refused)
+    both ranks keep rank 0's initial weights (DDP broadcasts them) up to steps of about 1e-12, so the
+    metrics gathered over the ranks' halves of the users must equal those of one process evaluating
+    every user with the same weights."""
     settings = {
         "data_path": str(DATA_DIR),
         "llm_path": "tiny-random",
         "train_stage": "full",
-        "learning_rate": 0.0,
-        "ilp_learning_rate": 0.0,
+        "learning_rate": 1e-12,
+        "ilp_learning_rate": 1e-12,
         "epochs": 1,
         "MAX_ITEM_LIST_LENGTH": 10,
         "show_progress": False,
