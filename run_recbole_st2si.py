@@ -11,6 +11,7 @@ Any other ``--key=value`` overrides a RecBole/ST2SI setting (see properties/*.ya
 import argparse
 import sys
 
+from recbole_st2si.distributed import refuse_external_launcher
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si, run_recbole_st2si_distributed
 
@@ -28,6 +29,7 @@ def main():
     args, _ = parser.parse_known_args()
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
     try:
+        refuse_external_launcher()
         if args.nproc == 1 and args.world_size <= 0:
             result = run_recbole_st2si(args.model, args.dataset, config_file_list=config_files)
         else:
