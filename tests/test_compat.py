@@ -84,3 +84,10 @@ def test_recbole_config_needs_the_restored_aliases():
         assert run.returncode == 0, run.stderr
     else:
         assert run.returncode != 0 and "np.float_" in run.stderr
+
+
+def test_missing_recbole_is_explained():
+    """After a plain ``pip install .`` (setup.cfg cannot list RecBole): how to install it."""
+    code = "import sys; sys.modules['recbole'] = None; import recbole_st2si"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert run.returncode != 0 and "pip install --no-deps recbole==1.2.1" in run.stderr
