@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from ray import tune
-from ray.air import Result
+from ray.tune import Result
 
 from recbole_st2si.tuning import (
     Study,
@@ -102,7 +102,13 @@ def test_bad_input_exits_with_status_2_and_a_message(run_hyper, tmp_path, capsys
 def fake_result(trial_id, scores, test=None, error=None):
     history = pd.DataFrame({"valid_score": scores, "epoch": range(1, len(scores) + 1)})
     metrics = {"trial_id": trial_id, "valid_score": scores[-1], "epoch": len(scores), "config": {"learning_rate": 0.01}}
-    return Result(metrics={**metrics, **(test or {})}, checkpoint=None, error=error, metrics_dataframe=history)
+    return Result(
+        metrics={**metrics, **(test or {})},
+        checkpoint=None,
+        error=error,
+        path=f"/trials/{trial_id}",
+        metrics_dataframe=history,
+    )
 
 
 def test_table_marks_stopped_trials_and_ranks_by_best_valid_score(tmp_path):
