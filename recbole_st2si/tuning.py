@@ -263,7 +263,14 @@ def _connect_ray(address, num_cpus, output_dir):
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError:
+            raise UserInputError(
+                f"cannot join the Ray cluster at {address}: no Ray {ray.__version__} head answers there, or it "
+                "uses token authentication (then set RAY_AUTH_MODE=token and give this machine the cluster's "
+                "token, ~/.ray/auth_token or RAY_AUTH_TOKEN); see docs/tuning.md"
+            ) from None
     else:
         ray.init(  # the trials' output goes to their folders, not to this console
             num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=_ray_temp_dir(output_dir)
