@@ -444,7 +444,11 @@ def _readme(ranked, columns, study, rerun):
     lines.append("")
     if rerun:
         lines += ["The best configuration is in [`best.yaml`](best.yaml); rerun it with", "", f"    {rerun}", ""]
-    lines += ["Each trial's folder under `ray_results/` holds its per-epoch results (`progress.csv`) and its log.", ""]
+    lines += [
+        "Each trial's folder under `ray_results/` holds its per-epoch results (`progress.csv`); "
+        "its console output is in Ray's session folder (docs/tuning.md, Outputs).",
+        "",
+    ]
     return "\n".join(lines)
 
 
