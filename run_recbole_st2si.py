@@ -14,6 +14,7 @@ import os
 import sys
 
 from recbole_st2si.command_line import parse_overrides, split_list
+from recbole_st2si.distributed import refuse_external_launcher
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si, run_recbole_st2si_distributed
 
@@ -36,6 +37,7 @@ def main():
     config_files = split_list(args.config_files or "")
     resume = args.resume.lower() == "true"
     try:
+        refuse_external_launcher()
         settings = parse_overrides(settings)
         if args.checkpoint_file and not resume and os.path.exists(args.checkpoint_file):
             raise UserInputError(f"{args.checkpoint_file} exists: pass --resume to continue its run, or choose "

@@ -539,7 +539,7 @@ def readme_text(rows, records, protocol, command, dataset):
         f"- date: {now()}",
         f"- hardware: {'; '.join(hardware)}",
         f"- libraries: {versions}",
-        f"- shared evaluation (checked identical for every run): "
+        "- shared evaluation (checked identical for every run): "
         + ", ".join(f"{key}={json.dumps(value)}" for key, value in evaluation.items()),
         "",
         "Test results, mean ± sample standard deviation over the seeds. Train time: seconds in training and",
@@ -550,7 +550,7 @@ def readme_text(rows, records, protocol, command, dataset):
         markdown_table(rows, protocol.columns),
         "",
         *(f"{note}\n" for note in notes),
-        f"Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
+        "Per-run results and logs: `runs/`; configuration of each model's best run: `configs/`; CSV: `results.csv`.",
         "",
     ]
     if any(row["seeds_ok"] for row in rows):  # the chart is drawn only from finished runs

@@ -2,8 +2,27 @@
 ``offset`` settings: NCCL on GPUs as in RecBole, and gloo on CPUs, where RecBole's set-up fails
 (:class:`~recbole_st2si.config.PluginConfig` starts the gloo process group)."""
 
+import os
+
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from recbole_st2si.errors import UserInputError
+
+
+def refuse_external_launcher():
+    """Refuse a run started by ``torchrun`` (or another launcher) as one of several processes.
+
+    The script starts its own processes (``--nproc``); under ``torchrun`` each process would
+    otherwise train the whole model on its own and overwrite the others' checkpoint.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "LOCAL_RANK" in os.environ and world_size > 1:
+        raise UserInputError(
+            f"started as one of {world_size} processes (torchrun?): run the script once, with "
+            f"--nproc={os.environ.get('LOCAL_WORLD_SIZE', world_size)}; it starts the DDP processes itself "
+            "(several machines: --world_size, --ip, --port, --offset, see docs/tuning.md)"
+        )
 
 
 def distributed_settings(nproc, world_size=-1, ip="localhost", port=5678, offset=0):

@@ -68,6 +68,7 @@ def run_recbole_st2si(
     )
     train_time = time.perf_counter() - fit_start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    best_valid_result, test_result = plain_metrics(best_valid_result), plain_metrics(test_result)
 
     environment = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment.draw())
@@ -83,6 +84,11 @@ def run_recbole_st2si(
         "config": config,
         "trainer": trainer,
     }
+
+
+def plain_metrics(result):
+    """RecBole's metrics as Python floats: numpy 2 prints its scalars as ``np.float64(0.05)``."""
+    return None if result is None else {name: float(value) for name, value in result.items()}
 
 
 def run_recbole_st2si_distributed(

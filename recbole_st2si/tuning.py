@@ -25,8 +25,7 @@ from unittest import mock
 
 import ray
 import yaml
-from ray import air, tune
-from ray.air import session
+from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.sample import Categorical
 from recbole.trainer import HyperTuning
@@ -170,7 +169,14 @@ def run_tuning(
     started_ray = _connect_ray(ray_address, num_cpus, output_dir)
     try:
         resources = _trial_resources(cpus_per_trial, gpus_per_trial, check_cpus=started_ray and not ray_address)
-        trainable = partial(_run_trial, study=study, workdir=os.getcwd(), keep_checkpoints=keep_checkpoints)
+        experiment = f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainable = partial(
+            _run_trial,
+            study=study,
+            workdir=os.getcwd(),
+            experiment_dir=str(output_dir / "ray_results" / experiment),
+            keep_checkpoints=keep_checkpoints,
+        )
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
             param_space=grid_space(space) if search == "grid" else space,
@@ -181,8 +187,8 @@ def run_tuning(
                 scheduler=_scheduler(scheduler, grace_period, study.epochs),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
-            run_config=air.RunConfig(
-                name=f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
+            run_config=tune.RunConfig(
+                name=experiment,
                 storage_path=str(output_dir / "ray_results"),
                 log_to_file=True,
                 verbose=1,
@@ -242,7 +248,14 @@ def _connect_ray(address, num_cpus, output_dir):
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError:
+            raise UserInputError(
+                f"cannot join the Ray cluster at {address}: no Ray {ray.__version__} head answers there, or it "
+                "uses token authentication (then set RAY_AUTH_MODE=token and give this machine the cluster's "
+                "token, ~/.ray/auth_token or RAY_AUTH_TOKEN); see docs/tuning.md"
+            ) from None
     else:
         ray.init(  # the trials' output goes to their folders, not to this console
             num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=_ray_temp_dir(output_dir)
@@ -288,11 +301,16 @@ def _scheduler(name, grace_period, epochs):
     )
 
 
-def _run_trial(params, study, workdir, keep_checkpoints):
-    """One trial: a RecBole run that reports each validation score, then its test result, to Ray."""
+def _run_trial(params, study, workdir, experiment_dir, keep_checkpoints):
+    """One trial: a RecBole run that reports each validation score, then its test result, to Ray.
+
+    Its checkpoints go to its folder under ``experiment_dir`` (Ray's trial folder, named by the trial
+    id), not to Ray's per-node working directory, so that the driver can remove them when they are
+    not kept, including those of the trials the scheduler stopped.
+    """
     if os.path.isdir(workdir):
         os.chdir(workdir)  # relative paths (data, feature cache) mean what they mean to the driver
-    checkpoint_dir = Path(session.get_trial_dir()) / TRIAL_CHECKPOINTS
+    checkpoint_dir = Path(experiment_dir) / tune.get_context().get_trial_id() / TRIAL_CHECKPOINTS
     config_dict = {
         "show_progress": False,
         **study.overrides,
@@ -305,7 +323,7 @@ def _run_trial(params, study, workdir, keep_checkpoints):
     def report_validation(epoch_idx, valid_score):
         nonlocal epochs_done
         epochs_done = epoch_idx + 1
-        session.report({VALID_SCORE: float(valid_score), EPOCH: epochs_done})
+        tune.report({VALID_SCORE: float(valid_score), EPOCH: epochs_done})
 
     result = run_recbole_st2si(
         study.model, study.dataset, study.config_files, config_dict, callback_fn=report_validation
@@ -313,7 +331,7 @@ def _run_trial(params, study, workdir, keep_checkpoints):
     if not keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     test = {f"{TEST_PREFIX}{metric}": float(value) for metric, value in (result["test_result"] or {}).items()}
-    session.report({VALID_SCORE: float(result["best_valid_score"]), EPOCH: epochs_done, **test})
+    tune.report({VALID_SCORE: float(result["best_valid_score"]), EPOCH: epochs_done, **test})
 
 
 def collect_rows(results, param_names, valid_column, bigger):
@@ -410,7 +428,11 @@ def _readme(ranked, columns, study, rerun):
     lines.append("")
     if rerun:
         lines += ["The best configuration is in [`best.yaml`](best.yaml); rerun it with", "", f"    {rerun}", ""]
-    lines += ["Each trial's folder under `ray_results/` holds its per-epoch results (`progress.csv`) and its log.", ""]
+    lines += [
+        "Each trial's folder under `ray_results/` holds its per-epoch results (`progress.csv`); "
+        "its console output is in Ray's session folder (docs/tuning.md, Outputs).",
+        "",
+    ]
     return "\n".join(lines)
 
 

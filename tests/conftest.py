@@ -1,6 +1,5 @@
 """Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
 
-import sys
 from pathlib import Path
 
 import pytest

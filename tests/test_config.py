@@ -16,7 +16,7 @@ from recbole_st2si.data import dataloader, dataset
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.trainer import ST2SITrainer
-from recbole_st2si.utils import create_config, get_model
+from recbole_st2si.utils import get_model
 
 from .conftest import DATA_DIR
 

@@ -98,3 +98,16 @@ def test_domains_are_merged_once_before_the_ranks_start(tmp_path, tiny_backbone_
     settings = {"data_path": str(tmp_path), "llm_path": str(tiny_backbone_dir)}
     run_recbole_st2si_distributed("ST2SI", "Alpha,Beta", config_dict=settings, nproc=2)
     assert started[0][1] == "Alpha+Beta" and (tmp_path / "Alpha+Beta" / "Alpha+Beta.inter").is_file()
+
+
+def test_torchrun_gets_one_line_pointing_to_nproc(monkeypatch, capsys):
+    script = runpy.run_path(str(REPO / "run_recbole_st2si.py"))
+    monkeypatch.setitem(script["main"].__globals__, "run_recbole_st2si", pytest.fail)  # nothing may train
+    for name, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)  # as torchrun --nproc_per_node=2 sets them
+    monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", "--dataset=tiny", f"--data_path={DATA_DIR}"])
+    with pytest.raises(SystemExit) as stop:
+        script["main"]()
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "--nproc=2" in error

@@ -21,7 +21,7 @@ from recbole_st2si.safe_io import save_checked
 from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
 
-from .conftest import DATA_DIR, write_domains
+from .conftest import write_domains
 
 
 def build(config):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import yaml
 from ray import tune
-from ray.air import Result
+from ray.tune import Result
 
 from recbole_st2si.tuning import (
     Study,
@@ -92,10 +93,30 @@ def test_bad_input_exits_with_status_2_and_a_message(run_hyper, tmp_path, capsys
     assert error.startswith("error: ") and message in error and "Traceback" not in error
 
 
+def test_a_cluster_that_cannot_be_joined_is_one_line(run_hyper, tmp_path, capsys, monkeypatch):
+    def refuse(**options):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {options['address']}")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    hyper = tmp_path / "lr.hyper"
+    hyper.write_text("learning_rate choice [0.1]\n")
+    with pytest.raises(SystemExit) as stop:
+        run_hyper("--dataset=tiny", f"--data_path={DATA_DIR}", f"--params_file={hyper}", "--ray_address=127.0.0.1:1")
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot join the Ray cluster at 127.0.0.1:1") and "RAY_AUTH_MODE=token" in error
+
+
 def fake_result(trial_id, scores, test=None, error=None):
     history = pd.DataFrame({"valid_score": scores, "epoch": range(1, len(scores) + 1)})
     metrics = {"trial_id": trial_id, "valid_score": scores[-1], "epoch": len(scores), "config": {"learning_rate": 0.01}}
-    return Result(metrics={**metrics, **(test or {})}, checkpoint=None, error=error, metrics_dataframe=history)
+    return Result(
+        metrics={**metrics, **(test or {})},
+        checkpoint=None,
+        error=error,
+        path=f"/trials/{trial_id}",
+        metrics_dataframe=history,
+    )
 
 
 def test_table_marks_stopped_trials_and_ranks_by_best_valid_score(tmp_path):
