@@ -1,8 +1,15 @@
 """Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
 
-from pathlib import Path
+import os
 
-import pytest
+# Tests never reach a model hub: without this a Hugging Face id that is not cached is retried
+# against the network with back-off (minutes where connections hang instead of failing). Set
+# before transformers is imported, here and in the runs the tests start as subprocesses.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
