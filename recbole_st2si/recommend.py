@@ -247,19 +247,24 @@ class Recommender:
         items = self.history_items[self.history_offsets[index] : self.history_offsets[index + 1]]
         return [self.items[item] for item in items.tolist()]
 
-    def _internal_ids(self, history, truncate):
-        history = [str(item).strip() for item in history]
-        if not history:
-            raise UserInputError("the history is empty: give at least one item id")
-        unknown = [item for item in history if item not in self.item_ids]
+    def _item_ids(self, items):
+        """Internal ids of raw item ids; an id outside the model's vocabulary is a one-line error."""
+        items = [str(item).strip() for item in items]
+        unknown = [item for item in items if item not in self.item_ids]
         if unknown:
             raise UserInputError(f"unknown item id {unknown[0]!r}: not in the item vocabulary of this model")
-        if len(history) > self.max_items and not truncate:
+        return [self.item_ids[item] for item in items]
+
+    def _internal_ids(self, history, truncate):
+        ids = self._item_ids(history)
+        if not ids:
+            raise UserInputError("the history is empty: give at least one item id")
+        if len(ids) > self.max_items and not truncate:
             raise UserInputError(
-                f"the history has {len(history)} items; this model reads at most {self.max_items} "
+                f"the history has {len(ids)} items; this model reads at most {self.max_items} "
                 f"(MAX_ITEM_LIST_LENGTH): give the most recent {self.max_items}, or truncate (--truncate) to keep them"
             )
-        return [self.item_ids[item] for item in history]
+        return ids
 
     def _padded(self, rows):
         table = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
@@ -311,12 +316,38 @@ class Recommender:
         """A :class:`Session` that keeps ``history`` encoded for incremental updates."""
         return Session(self, history)
 
+    def add(self, sessions, items):
+        """Append ``items[i]`` (a raw item id) to ``sessions[i]``; ST2SI runs every session's new item
+        in one backbone pass, on each session's kept key/values."""
+        if len(items) != len(sessions):
+            raise UserInputError(f"one new item per session: got {len(items)} items for {len(sessions)} sessions")
+        ids = self._item_ids(items)
+        for session, item_id in zip(sessions, ids):
+            session.ids.append(item_id)
+        if isinstance(self.model, ST2SI):
+            states = self.model.extend_histories([session.state for session in sessions], ids)
+            for session, state in zip(sessions, states):
+                session.state = state
+
+    @torch.no_grad()
+    def recommend_sessions(self, sessions, k=10, exclude_history=False) -> TopK:
+        """The ``k`` best items after each session's history, as :meth:`recommend` ranks them; ST2SI
+        scores the sessions' kept ``[Q]`` states without running the backbone."""
+        if not isinstance(self.model, ST2SI):
+            histories = [[self.items[item] for item in session.ids] for session in sessions]
+            return self.recommend(histories, k, exclude_history, truncate=True)
+        self._check_k(k)
+        exclude = self._padded([session.ids for session in sessions]) if exclude_history else None
+        states = torch.stack([session.state.last_query_state for session in sessions])
+        return self._named(*self.model.top_items(states, k, exclude))
+
 
 class Session:
     """One user's growing history. For ST2SI the backbone's key/values of the history are kept, so
     :meth:`add` runs only the new item's tokens and its ``[Q]``; when the oldest item leaves the
     window (``MAX_ITEM_LIST_LENGTH`` or ``max_seq_tokens``) the window is encoded again. Other
-    models encode the history at each :meth:`recommend`."""
+    models encode the history at each :meth:`recommend`. Many sessions grow together with
+    :meth:`Recommender.add` and are ranked together with :meth:`Recommender.recommend_sessions`."""
 
     def __init__(self, recommender, history):
         self.recommender = recommender
@@ -325,20 +356,10 @@ class Session:
 
     def add(self, item):
         """Append one raw item id to the history."""
-        (item_id,) = self.recommender._internal_ids([item], truncate=False)
-        self.ids.append(item_id)
-        if self.state is not None:
-            self.state = self.recommender.model.extend_history(self.state, item_id)
+        self.recommender.add([self], [item])
 
-    @torch.no_grad()
     def recommend(self, k=10, exclude_history=False) -> TopK:
-        recommender = self.recommender
-        if self.state is None:
-            history = [recommender.items[item] for item in self.ids]
-            return recommender.recommend([history], k, exclude_history, truncate=True)
-        recommender._check_k(k)
-        exclude = recommender._padded([self.ids]) if exclude_history else None
-        return recommender._named(*recommender.model.top_items(self.state.last_query_state[None], k, exclude))
+        return self.recommender.recommend_sessions([self], k, exclude_history)
 
 
 def main(argv=None):

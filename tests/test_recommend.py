@@ -11,6 +11,7 @@ from recbole.data.interaction import Interaction
 from transformers import AutoTokenizer
 
 from recbole_st2si.backbone import tiny_random_decoder
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.recommend import load_recommender, main
@@ -166,7 +167,7 @@ def test_extending_a_history_runs_only_the_new_item_and_equals_a_fresh_encoding(
     steps = []
     for length in range(2, len(history) + 1):
         tokens_run.clear()
-        state = model.extend_history(state, history[length - 1])
+        (state,) = model.extend_histories([state], [history[length - 1]])
         window = torch.tensor([history[:length][-10:]])
         with torch.no_grad():
             fresh = model(window, torch.tensor([window.shape[1]]))[0]
@@ -177,6 +178,49 @@ def test_extending_a_history_runs_only_the_new_item_and_equals_a_fresh_encoding(
         assert steps == [True] * 9 + [False] * 6
     else:  # the token limit slides the window earlier
         assert any(steps) and not all(steps[:9])
+
+
+def test_histories_extended_together_equal_their_fresh_encodings(make_config):
+    """Histories of different token counts grow in one padded pass, one of them past the item limit
+    (re-encoded): each new state equals the ordinary encoding of its whole history, and each kept
+    cache still extends correctly afterwards."""
+    config = make_config(train_stage="ilp")
+    torch.manual_seed(0)
+    model = ST2SI(config, create_dataset(config)).eval()
+    histories = [[3, 9], [12, 4, 30, 7, 21], [(item % 40) + 1 for item in range(10)], [40]]
+    states = [model.encode_history(history) for history in histories]
+    for step, new_items in enumerate(([5, 17, 2, 33], [8, 1, 26, 6])):
+        rows_run = []
+        hook = model.backbone.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: rows_run.append(args[0].shape[0]))
+        states = model.extend_histories(states, new_items)
+        hook.remove()
+        assert rows_run == [1, 3]  # the full window re-encoded alone, the other three together
+        for history, item, state in zip(histories, new_items, states):
+            history.append(item)
+            window = torch.tensor([history[-10:]])
+            with torch.no_grad():
+                fresh = model(window, torch.tensor([window.shape[1]]))[0]
+            assert torch.allclose(state.last_query_state, fresh, atol=1e-4), (step, history)
+            assert state.num_tokens == int(model.segment_len[torch.tensor(history[-10:])].sum())
+
+
+def test_sessions_grown_and_ranked_together_match_fresh_recommendations(saved_runs):
+    for run in ("ST2SI-ilp", "SASRec"):
+        recommender = load_recommender(saved_runs[run][0])
+        histories = [["3", "4"], ["10", "11", "12", "13", "14", "15", "16"], ["40"]]
+        sessions = [recommender.session(history) for history in histories]
+        recommender.add(sessions, ["5", "20", "2"])
+        together = recommender.recommend_sessions(sessions, k=5, exclude_history=True)
+        fresh = recommender.recommend([history + [item] for history, item in zip(histories, ["5", "20", "2"])],
+                                      k=5, exclude_history=True)
+        assert together.items == fresh.items
+        for got, expected in zip(together.scores, fresh.scores):
+            assert got == pytest.approx(expected, abs=1e-4)
+        with pytest.raises(UserInputError, match="unknown item id '999'"):
+            recommender.add(sessions[:1], ["999"])
+        with pytest.raises(UserInputError, match="one new item per session: got 1 items for 2 sessions"):
+            recommender.add(sessions[:2], ["1"])
 
 
 def test_a_bf16_backbone_gives_float32_scores_close_to_float32(saved_runs):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from recbole_st2si.backbone import (
     hidden_size,
@@ -120,6 +121,44 @@ class HistoryState:
     num_tokens: int
     cache: object
     last_query_state: torch.Tensor
+
+
+class PaddedHistoriesLayer(DynamicLayer):
+    """One decoder layer's key/values of several histories in one batch: each history's cached
+    tokens, zero-padded to the longest (``past_width``; the attention mask hides the padding), then
+    room for ``new_width`` new tokens, which the forward pass writes in place instead of
+    concatenating the whole cache again."""
+
+    def __init__(self, layers, past_width, new_width):
+        super().__init__()
+        first = layers[0].keys
+        shape = (len(layers), first.shape[1], past_width + new_width, first.shape[3])
+        self.keys, self.values = first.new_empty(shape), first.new_empty(shape)
+        for row, layer in enumerate(layers):
+            length = layer.keys.shape[2]
+            for padded, cached in ((self.keys, layer.keys), (self.values, layer.values)):
+                padded[row, :, :length] = cached[0]
+                padded[row, :, length:past_width] = 0  # masked, but never NaN: 0 x NaN would leak into the output
+        self.past_width, self.device, self.is_initialized = past_width, first.device, True
+
+    def get_seq_length(self):
+        return self.past_width
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys[:, :, self.past_width :] = key_states
+        self.values[:, :, self.past_width :] = value_states
+        return self.keys, self.values
+
+    def history(self, row, past, new):
+        """Row ``row``'s own layer cache afterwards: its ``past`` cached and ``new`` new tokens."""
+        keys, values = (
+            torch.cat([tensor[row : row + 1, :, :past], tensor[row : row + 1, :, self.past_width : self.past_width + new]], 2)
+            for tensor in (self.keys, self.values)
+        )
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return layer
 
 
 def with_lora_adapters(backbone, config):
@@ -342,23 +381,53 @@ class ST2SI(SequentialRecommender):
         )
 
     @torch.no_grad()
-    def extend_history(self, state, item):
-        """``state`` with one more item: only its tokens and ``[Q]`` run, on the cached key/values.
-        When the window would drop its oldest item (the item or token limit), the new window is
-        encoded afresh, since every position and key then changes. ``state`` is consumed: its key/values
-        are extended in place."""
-        new_tokens = int(self.segment_len[item])
-        if len(state.items) + 1 > self.max_seq_length or state.num_tokens + new_tokens >= self.max_seq_tokens:
-            return self.encode_history(state.items + [item])
-        total = state.num_tokens + new_tokens
+    def extend_histories(self, states, items):
+        """Each of ``states`` with one more item, ``items[i]`` after ``states[i]``: in one backbone pass
+        for all, each history runs only its new item's tokens and ``[Q]`` on its own cached key/values
+        (padded to the longest and masked). A history whose window would drop its oldest item (the item
+        or token limit) is encoded afresh instead, since every position and key then changes. The
+        states are consumed: a single history's key/values are extended in place."""
+        new_lengths = self.segment_len[torch.as_tensor(items, device=self.device)].tolist()
+        extended = [None] * len(states)
+        growing = []
+        for index, (state, item, new_length) in enumerate(zip(states, items, new_lengths)):
+            if len(state.items) + 1 > self.max_seq_length or state.num_tokens + new_length >= self.max_seq_tokens:
+                extended[index] = self.encode_history(state.items + [item])
+            else:
+                growing.append(index)
+        if not growing:
+            return extended
+        past = torch.tensor([states[index].num_tokens for index in growing], device=self.device)
+        new = torch.tensor([new_lengths[index] for index in growing], device=self.device)
+        past_width, new_width = int(past.max()), int(new.max())
+        if len(growing) == 1:
+            cache = states[growing[0]].cache  # extended in place, no padding
+        else:
+            cache = Cache(layers=[
+                PaddedHistoriesLayer([states[index].cache.layers[layer] for index in growing], past_width, new_width)
+                for layer in range(len(states[growing[0]].cache.layers))
+            ])
+        new_items = torch.tensor([items[index] for index in growing], device=self.device)
         output = self.backbone(
-            input_ids=self.segment_tokens[item, :new_tokens][None],
-            attention_mask=torch.ones((1, total), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(state.num_tokens, total, device=self.device)[None],
-            cache=state.cache,
+            input_ids=self.segment_tokens[new_items, :new_width],
+            attention_mask=torch.cat([
+                torch.arange(past_width, device=self.device) < past[:, None],
+                torch.arange(new_width, device=self.device) < new[:, None],
+            ], 1).long(),
+            position_ids=past[:, None] + torch.arange(new_width, device=self.device),
+            cache=cache,
             use_cache=True,
         )
-        return HistoryState(state.items + [item], total, output.cache, output.last_hidden_state[0, -1])
+        for row, index in enumerate(growing):
+            if len(growing) == 1:
+                cache = output.cache
+            else:
+                cache = Cache(layers=[layer.history(row, int(past[row]), int(new[row])) for layer in output.cache.layers])
+            extended[index] = HistoryState(
+                states[index].items + [items[index]], int(past[row] + new[row]), cache,
+                output.last_hidden_state[row, new[row] - 1],
+            )
+        return extended
 
     # ------------------------------------------------------------------ RecBole interface
     def forward(self, item_seq, item_seq_len):
