@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: atomic writes, a full disk, damaged checkpoints and caches."""
 
 import errno
+import hashlib
 import logging
 import subprocess
 import uuid
@@ -58,6 +59,24 @@ def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
             file.write("new, half")
             raise Broken
     assert path.read_text() == "old\n" and [file.name for file in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_a_file_written_through_its_path_replaces_the_target_only_once_complete(tmp_path):
+    """A memory map writes the temporary file by its path; the target keeps its old contents until
+    the block ends, and an error leaves it and no temporary file."""
+    path = tmp_path / "states.bin"
+    path.write_bytes(b"old")
+    with safe_io.atomic_path(path, size=8) as temporary:
+        safe_io.reserve_space(temporary, 8)
+        torch.from_file(str(temporary), shared=True, size=8, dtype=torch.uint8).copy_(torch.arange(8))
+        assert path.read_bytes() == b"old" and temporary.parent == tmp_path
+    assert path.read_bytes() == bytes(range(8))
+    assert safe_io.file_sha256(path) == hashlib.sha256(bytes(range(8))).hexdigest()
+    with pytest.raises(ZeroDivisionError):
+        with safe_io.atomic_path(path) as temporary:
+            temporary.write_bytes(b"half")
+            1 / 0
+    assert path.read_bytes() == bytes(range(8)) and [file.name for file in tmp_path.iterdir()] == ["states.bin"]
 
 
 def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
