@@ -322,6 +322,7 @@ def store_states(files: CacheFiles, layout: StatesLayout, fill, group: BuildGrou
     crash in the middle of the pass. With a :class:`BuildGroup` of several ranks, rank 0 calls this
     and every other rank fills its share of the same file meanwhile (see :func:`load_or_compute`).
     """
+    files.record.unlink(missing_ok=True)  # a damaged cache's record must not vouch for the new file
     with atomic_path(files.states, size=layout.num_bytes) as temporary:
         reserve_space(temporary, layout.num_bytes)
         group.share(str(temporary))
