@@ -20,19 +20,33 @@ test window up to the validation item, one item fewer than RecBole's validation 
 history is longer than the window.
 
 The pass runs in bfloat16 where the hardware computes it natively (``feature_cache_dtype: auto``),
-about twice as fast on CPUs with AVX512-BF16 or AMX; the states are stored in float32. The features
-are stored on disk under a key that hashes the backbone's weights, the precision and every model
-input (item tokens, histories, prompt, limits), so a second run or a tuning trial reuses them and a
-cache built for another backbone, dataset or text setting is never used.
+about twice as fast on CPUs with AVX512-BF16 or AMX. The states are stored on disk under a key that
+hashes the backbone's weights, both precisions and every model input (item tokens, histories,
+prompt, limits), so a second run or a tuning trial reuses them and a cache built for another
+backbone, dataset or text setting is never used.
+
+A cache grows with the data (``H`` values per transition), so it is never held in memory whole:
+
+* the states are one raw file of rows, ``<dataset>-<key>.states``, in bfloat16
+  (``feature_cache_storage``: half the bytes of float32, with float32's range, so hidden-state
+  outliers cannot overflow as in float16), and a small record ``<dataset>-<key>.pt`` (its layout
+  and the file's SHA-256), written last: a cache without its record is incomplete;
+* the file is memory-mapped, both while the pass writes it and when training reads it: its pages
+  belong to the page cache, which the kernel fills on use and may drop again, and each batch
+  converts only its own rows to float32;
+* the DDP processes of a run on one machine (``--nproc=N``) share one pass: rank 0 looks for the
+  cache under the file lock and, if it must be built, every rank encodes every ``N``-th batch of
+  the same length-sorted batches into the same file, so the file is the one a single process writes.
 """
 
 import fcntl
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from logging import getLogger
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
@@ -41,7 +55,15 @@ from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.safe_io import DamagedFileError, load_checked, save_checked
+from recbole_st2si.safe_io import (
+    DamagedFileError,
+    atomic_path,
+    file_sha256,
+    human_size,
+    load_checked,
+    reserve_space,
+    save_checked,
+)
 
 QUERY_FEATURE = "query_feature"
 """Interaction field of the cached loaders: each sample's ``[Q]`` hidden state."""
@@ -67,7 +89,7 @@ def cached_candidate_scores(model, interaction):
     return model.candidate_scores(interaction[QUERY_FEATURE], interaction[model.ITEM_ID])
 
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -79,10 +101,72 @@ class QueryFeatures:
     ``transitions`` holds, for every user of :class:`~recbole_st2si.data.windows.UserSequences` in
     turn, the state that predicts each item ``x_1 .. x_{N-1}`` of the user's history (see
     ``UserSequences.transition_index``); ``alignment[i - 1]`` is item ``i``'s alignment state.
+    Both are rows of one table in the storage precision, usually a memory-mapped file.
     """
 
     transitions: torch.Tensor
     alignment: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StatesLayout:
+    """The shape and storage precision of a cache's states table: transitions rows, then alignment rows."""
+
+    transitions: int
+    alignment: int
+    hidden: int
+    storage: str
+
+    @classmethod
+    def of(cls, model, sequences: UserSequences, storage):
+        return cls(int((sequences.lengths - 1).sum()), model.n_items - 1, model.ilp.in_features, storage)
+
+    @property
+    def values(self):
+        return (self.transitions + self.alignment) * self.hidden
+
+    @property
+    def num_bytes(self):
+        return self.values * CACHE_DTYPES[self.storage].itemsize
+
+    def map(self, path, writable=False) -> QueryFeatures:
+        """The states of the file ``path``, memory-mapped: its pages are read when used, and the
+        kernel can drop them again, so a cache larger than memory still trains. ``writable`` maps
+        it shared, so that what is written reaches the file (and the other processes mapping it);
+        otherwise it is mapped copy-on-write and the file is only read."""
+        states = torch.from_file(str(path), shared=writable, size=self.values, dtype=CACHE_DTYPES[self.storage])
+        states = states.view(self.transitions + self.alignment, self.hidden)
+        return QueryFeatures(transitions=states[: self.transitions], alignment=states[self.transitions :])
+
+
+class BuildGroup:
+    """The processes that build one cache together: the DDP ranks of a run on this one machine, or
+    this process alone. Several machines would write the same pages of the shared file from separate
+    page caches, so there every process reads or builds the cache on its own, under the file lock."""
+
+    def __init__(self, rank=0, size=1):
+        self.rank, self.size = rank, size
+
+    @classmethod
+    def of_run(cls, config):
+        if not config["single_spec"] and config["world_size"] == config["nproc"]:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return SINGLE_PROCESS
+
+    def share(self, value):
+        """Rank 0's ``value``, on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+
+SINGLE_PROCESS = BuildGroup()
 
 
 def cpu_has_native_bf16():
@@ -104,7 +188,7 @@ def cache_dtype(setting, device):
     return CACHE_DTYPES[setting]
 
 
-def _cache_key(model, sequences: UserSequences, dtype):
+def _cache_key(model, sequences: UserSequences, dtype, storage):
     digest = hashlib.sha256(f"st2si-query-features-v{CACHE_FORMAT}".encode())
     for name, tensor in model.backbone.state_dict().items():
         digest.update(name.encode())
@@ -113,18 +197,21 @@ def _cache_key(model, sequences: UserSequences, dtype):
               sequences.valid_position, sequences.test_position]
     for tensor in inputs:
         digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    digest.update(f"{model.max_seq_length}/{model.max_seq_tokens}/{model.n_items}/{dtype}".encode())
+    digest.update(f"{model.max_seq_length}/{model.max_seq_tokens}/{model.n_items}/{dtype}/{storage}".encode())
     return digest.hexdigest()[:32]
 
 
 @torch.inference_mode()
-def encoded_batches(model, seq, seq_len, batch_size, dtype, desc):
+def encoded_batches(model, seq, seq_len, batch_size, dtype, desc, rank=0, world=1):
     """Yield ``(rows, states)``: the ``[Q]`` states ``[B, width, H]`` (float32) of batches of sequences.
 
-    Batches hold sequences of similar token counts, so little compute goes to padding."""
+    Batches hold sequences of similar token counts, so little compute goes to padding. Of ``world``
+    processes, rank ``r`` encodes batches ``r, r + world, ...``: every batch holds the same sequences
+    as in one process, so each state is computed exactly as there."""
     order = torch.argsort(model.segment_len.cpu()[seq].sum(1))
     device = model.device
-    for start in tqdm(range(0, len(seq), batch_size), desc=desc, ncols=100):
+    starts = range(rank * batch_size, len(seq), world * batch_size)
+    for start in tqdm(starts, desc=desc, ncols=100, disable=rank != 0):
         rows = order[start : start + batch_size]
         width = int(seq_len[rows].max())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -132,8 +219,10 @@ def encoded_batches(model, seq, seq_len, batch_size, dtype, desc):
         yield rows, states.float().cpu()
 
 
-def compute_query_features(model, sequences: UserSequences, batch_size, dtype) -> QueryFeatures:
-    """Run the frozen backbone once over the tiled windows of every history and the alignment prompts."""
+def write_query_features(model, sequences: UserSequences, features: QueryFeatures, batch_size, dtype, rank=0, world=1):
+    """Run the frozen backbone over the tiled windows of every history and the alignment prompts
+    (rank ``rank`` of ``world`` processes: its share, see :func:`encoded_batches`), and write the
+    states, rounded to their storage precision, into ``features``."""
     model.eval()
     users, starts, ends = tile_windows(sequences, model.segment_len.cpu(), model.max_seq_length, model.max_seq_tokens)
     lengths = ends - starts
@@ -142,66 +231,131 @@ def compute_query_features(model, sequences: UserSequences, batch_size, dtype) -
     seq = sequences.items[(first_item[:, None] + slots).clamp(max=len(sequences.items) - 1)] * (slots < lengths[:, None])
     first_transition = sequences.transition_index(users, starts + 1)
 
-    transitions = torch.zeros(int((sequences.lengths - 1).sum()), model.ilp.in_features)
-    for rows, states in encoded_batches(model, seq, lengths, batch_size, dtype, "Caching [Q] states"):
+    storage = features.transitions.dtype
+    for rows, states in encoded_batches(model, seq, lengths, batch_size, dtype, "Caching [Q] states", rank, world):
         is_query = slots[: states.shape[1]] < lengths[rows, None]
         destination = first_transition[rows, None] + slots[: states.shape[1]]
-        transitions[destination[is_query]] = states[is_query]
+        features.transitions[destination[is_query]] = states[is_query].to(storage)
 
     items = torch.arange(1, model.n_items)  # always cached, so runs with and without ID alignment share the file
-    alignment = torch.zeros(len(items), model.ilp.in_features)
     prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
     for rows, states in encoded_batches(model, prompts, torch.full_like(items, 2), batch_size, dtype,
-                                         "Caching alignment [Q]"):
-        alignment[rows] = states[:, 1]
-    return QueryFeatures(transitions=transitions, alignment=alignment)
+                                         "Caching alignment [Q]", rank, world):
+        features.alignment[rows] = states[:, 1].to(storage)
+
+
+@dataclass(frozen=True)
+class CacheFiles:
+    """A cache's files: the states table (raw rows), its record (layout and SHA-256 of the states,
+    written last, so that its presence means a complete cache) and the builders' lock."""
+
+    states: Path
+    record: Path
+    lock: Path
+
+    @classmethod
+    def named(cls, folder, name):
+        folder = Path(folder)
+        return cls(folder / f"{name}.states", folder / f"{name}.pt", folder / f"{name}.lock")
 
 
 def load_or_compute(config, model, sequences: UserSequences) -> QueryFeatures:
     """The cached features for this exact backbone and input, computed once under a file lock.
 
-    A damaged or unreadable cache (its checksum tells) is rebuilt with a warning. A folder that
-    cannot be written is used as it is when it holds the cache; without one it is an error.
+    A damaged or unreadable cache (its checksums tell) is rebuilt with a warning. A folder that
+    cannot be written is used as it is when it holds the cache; without one it is an error. The DDP
+    ranks of a run on one machine build it together (:class:`BuildGroup`): rank 0 looks for it under
+    the lock; if it must be built, every rank encodes its share of the batches into the one file.
     """
     dtype = cache_dtype(config["feature_cache_dtype"], model.device)
-    key = _cache_key(model, sequences, dtype)
-    cache_dir = Path(config["feature_cache_dir"])
-    path = cache_dir / f"{config['dataset']}-{key}.pt"
+    storage = config["feature_cache_storage"]
+    layout = StatesLayout.of(model, sequences, storage)
+    key = _cache_key(model, sequences, dtype, storage)
+    files = CacheFiles.named(config["feature_cache_dir"], f"{config['dataset']}-{key}")
+    group = BuildGroup.of_run(config)
+
+    def encode_share(temporary):
+        features = layout.map(temporary, writable=True)
+        write_query_features(model, sequences, features, config["feature_batch_size"], dtype, group.rank, group.size)
+
+    if group.rank != 0:
+        temporary = group.share(None)
+        if temporary is not None:
+            encode_share(temporary)
+            group.barrier()  # every share is written
+            group.barrier()  # rank 0 has stored the file and its record
+        return layout.map(files.states)
+
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "a")
+        files.states.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(files.lock, "a")
     except OSError as error:
-        features = _read_cache(path)
+        features = read_cache(files, layout)
         if features is None:
+            folder = files.states.parent
             raise UserInputError(
-                f"feature_cache_dir {cache_dir} cannot be written ({error.strerror}) and holds no cache for this "
+                f"feature_cache_dir {folder} cannot be written ({error.strerror}) and holds no cache for this "
                 "run: pass --feature_cache_dir=<a writable folder>, or --feature_cache=False"
             ) from None
+        group.share(None)
         return features
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials wait for one builder
-        features = _read_cache(path)
+        features = read_cache(files, layout)
         if features is not None:
+            group.share(None)
             return features
         getLogger().info(set_color("feature cache", "green") + f": encoding {len(sequences.items)} items of "
-                         f"{len(sequences.uid)} histories in {str(dtype).replace('torch.', '')}")
-        features = compute_query_features(model, sequences, config["feature_batch_size"], dtype)
-        save_checked(features.__dict__, path)
-        getLogger().info(set_color("feature cache", "green") + f": wrote {path}")
-        return features
+                         f"{len(sequences.uid)} histories in {str(dtype).replace('torch.', '')}"
+                         + (f" in {group.size} processes" if group.size > 1 else "")
+                         + f", stored in {storage} ({human_size(layout.num_bytes)})")
+        store_states(files, layout, encode_share, group)
+        getLogger().info(set_color("feature cache", "green") + f": wrote {files.states}")
+        return layout.map(files.states)
 
 
-def _read_cache(path):
-    """The features stored at ``path``; ``None`` if there are none, or (with a warning) if damaged."""
+def store_states(files: CacheFiles, layout: StatesLayout, fill, group: BuildGroup = SINGLE_PROCESS):
+    """Write a cache: ``fill(path)`` writes the states into the file ``path`` (memory-mapped, see
+    :meth:`StatesLayout.map`), which is written whole or not at all, then its record, last.
+
+    The file gets its full size on the disk first, so a full disk is one error line here, not a
+    crash in the middle of the pass. With a :class:`BuildGroup` of several ranks, rank 0 calls this
+    and every other rank fills its share of the same file meanwhile (see :func:`load_or_compute`).
+    """
+    files.record.unlink(missing_ok=True)  # a damaged cache's record must not vouch for the new file
+    with atomic_path(files.states, size=layout.num_bytes) as temporary:
+        reserve_space(temporary, layout.num_bytes)
+        group.share(str(temporary))
+        fill(temporary)
+        group.barrier()  # every share is written
+        digest = file_sha256(temporary)
+    save_checked({**asdict(layout), "format": CACHE_FORMAT, "states_sha256": digest}, files.record)
+    group.barrier()
+
+
+def read_cache(files: CacheFiles, layout: StatesLayout):
+    """The features stored in ``files``, memory-mapped after their checksum is verified; ``None`` if
+    there are none, or (with a warning) if they are damaged or incomplete."""
     try:
-        features = QueryFeatures(**load_checked(path))
+        record = load_checked(files.record)
+        expected = {**asdict(layout), "format": CACHE_FORMAT}
+        if {name: record.get(name) for name in expected} != expected:
+            raise DamagedFileError(files.record, "it describes other states than this run's")
+        size = files.states.stat().st_size if files.states.exists() else 0
+        if size != layout.num_bytes:
+            raise DamagedFileError(files.states, f"{size} bytes, not the {layout.num_bytes} of its record")
+        if file_sha256(files.states) != record["states_sha256"]:
+            raise DamagedFileError(files.states, "its contents do not match their checksum")
     except FileNotFoundError:
+        if files.states.exists():
+            getLogger().warning(f"feature cache {files.states} has no record {files.record.name} (an interrupted "
+                                "build): it is rebuilt")
         return None
     except DamagedFileError as error:
         getLogger().warning(f"feature cache {error}: it is rebuilt")
         return None
-    getLogger().info(set_color("feature cache", "green") + f": reusing {path}")
-    return features
+    getLogger().info(set_color("feature cache", "green") + f": reusing {files.states}")
+    return layout.map(files.states)
 
 
 class CachedQueryTrainDataLoader(AbstractDataLoader):
@@ -232,8 +386,9 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
         rows = torch.repeat_interleave(first_row - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
         row_users = torch.repeat_interleave(users, sizes)
         items = index[~is_window] - self.num_window_samples + 1
+        states = torch.cat([self.features.transitions[rows], self.features.alignment[items - 1]])
         return Interaction({
-            QUERY_FEATURE: torch.cat([self.features.transitions[rows], self.features.alignment[items - 1]]),
+            QUERY_FEATURE: states.float(),  # stored in 16 bits: only the batch's rows are converted
             self._dataset.iid_field: torch.cat([sequences.transition_items(rows, row_users), items]),
         })
 
@@ -265,7 +420,7 @@ def _held_out_states(features, sequences: UserSequences, positions, user_num):
     by_user = torch.zeros(user_num, features.transitions.shape[1])
     users = torch.nonzero(positions >= 0).squeeze(1)
     rows = sequences.transition_index(users, positions[users])
-    by_user[sequences.uid[users]] = features.transitions[rows]
+    by_user[sequences.uid[users]] = features.transitions[rows].float()
     return by_user
 
 

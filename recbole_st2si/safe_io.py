@@ -1,13 +1,16 @@
 """Files written whole or not at all, and read back only when they are what was written.
 
 Every file the package writes (checkpoints, the ILP file, feature caches, run records, result
-tables) goes through :func:`atomic_file`: it is written to a temporary file in the target's folder,
-flushed to the disk and renamed over the target, so a crash, a kill or a full disk never leaves a
-half-written file in its place, and the previous good file stays until the new one is complete.
+tables) goes through :func:`atomic_path` (or :func:`atomic_file`, its file object): it is written to
+a temporary file in the target's folder, flushed to the disk and renamed over the target, so a
+crash, a kill or a full disk never leaves a half-written file in its place, and the previous good
+file stays until the new one is complete.
 
-Checkpoints and caches are dictionaries of tensors and numbers saved with :func:`save_checked`,
-which stores a SHA-256 digest of their contents beside them; :func:`load_checked` recomputes it, so
-a cut, overwritten or otherwise damaged file is reported instead of being used.
+Checkpoints and caches' records are dictionaries of tensors and numbers saved with
+:func:`save_checked`, which stores a SHA-256 digest of their contents beside them; :func:`load_checked`
+recomputes it, so a cut, overwritten or otherwise damaged file is reported instead of being used. A
+raw file too large to load whole (a feature cache's states) has its :func:`file_sha256`, computed in
+chunks, in such a record.
 """
 
 import errno
@@ -76,8 +79,9 @@ def _write_error(path, error, size):
 
 
 @contextmanager
-def atomic_file(path, size=None, text=False):
-    """Yield a file to write ``path``'s new contents to; it replaces ``path`` only once complete.
+def atomic_path(path, size=None):
+    """Yield the path of a new temporary file beside ``path`` (for writers that need a path, such as
+    a memory map); once the block ends it is flushed to the disk and renamed over ``path``.
 
     ``size``: the expected number of bytes, for the disk-full message. Any error removes the
     temporary file; a full disk or an unwritable folder becomes one :class:`UserInputError` line.
@@ -87,24 +91,55 @@ def atomic_file(path, size=None, text=False):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's files are private; the target gets the usual mode
+        os.close(handle)
     except OSError as error:
         raise _write_error(path, error, size) from None
-    writer = None
     try:
-        with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as file:
-            writer = file if text else _RecordingWriter(file)
-            yield writer
-            file.flush()
-            os.fsync(file.fileno())
+        yield Path(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # also writes back what memory maps of other processes changed
+        finally:
+            os.close(descriptor)
         os.replace(temporary, path)
         _sync_folder(path.parent)
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        cause = getattr(writer, "error", None) or error
-        if isinstance(cause, OSError):
-            raise _write_error(path, cause, size) from None
+        if isinstance(error, OSError):
+            raise _write_error(path, error, size) from None
         raise
+
+
+@contextmanager
+def atomic_file(path, size=None, text=False):
+    """Yield a file to write ``path``'s new contents to; it replaces ``path`` only once complete
+    (see :func:`atomic_path`)."""
+    with atomic_path(path, size) as temporary:
+        with open(temporary, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as file:
+            writer = file if text else _RecordingWriter(file)
+            try:
+                yield writer
+            except BaseException:
+                if getattr(writer, "error", None) is not None:
+                    raise writer.error from None
+                raise
+
+
+def reserve_space(path, size):
+    """Give the file ``path`` its ``size`` bytes on the disk now: a memory map written later cannot
+    then run out of space, which it would report by killing the process (SIGBUS), not by an error."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    finally:
+        os.close(descriptor)
+
+
+def file_sha256(path):
+    """The SHA-256 of a file, read in chunks: a file larger than memory is never read whole."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @lru_cache(maxsize=None)

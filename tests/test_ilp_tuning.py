@@ -38,8 +38,10 @@ def cached_dataloaders(config, model, train_data, valid_data, test_data):
 
 
 def ilp_settings(tmp_path, **overrides):
+    """A float32 pass and float32 states, so that cached and uncached inputs agree to float32 rounding
+    (the default bfloat16 storage is tested against its own reference in test_feature_cache_storage)."""
     entries = dict(train_stage="ilp", train_window="all", MAX_ITEM_LIST_LENGTH=50, feature_cache_dtype="fp32",
-                   feature_cache_dir=str(tmp_path / "cache"))
+                   feature_cache_storage="fp32", feature_cache_dir=str(tmp_path / "cache"))
     entries.update(overrides)
     return entries
 

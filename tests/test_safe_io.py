@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: atomic writes, a full disk, damaged checkpoints and caches."""
 
 import errno
+import hashlib
 import logging
 import subprocess
 import uuid
@@ -14,7 +15,7 @@ from recbole_st2si.feature_cache import load_or_compute
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.safe_io import DamagedFileError, DiskFullError, load_checked, save_checked, write_text
 
-from .test_ilp_tuning import build, ilp_config
+from .test_ilp_tuning import build, ilp_config, ilp_settings
 
 
 def no_space_after(monkeypatch, limit):
@@ -58,6 +59,24 @@ def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
             file.write("new, half")
             raise Broken
     assert path.read_text() == "old\n" and [file.name for file in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_a_file_written_through_its_path_replaces_the_target_only_once_complete(tmp_path):
+    """A memory map writes the temporary file by its path; the target keeps its old contents until
+    the block ends, and an error leaves it and no temporary file."""
+    path = tmp_path / "states.bin"
+    path.write_bytes(b"old")
+    with safe_io.atomic_path(path, size=8) as temporary:
+        safe_io.reserve_space(temporary, 8)
+        torch.from_file(str(temporary), shared=True, size=8, dtype=torch.uint8).copy_(torch.arange(8))
+        assert path.read_bytes() == b"old" and temporary.parent == tmp_path
+    assert path.read_bytes() == bytes(range(8))
+    assert safe_io.file_sha256(path) == hashlib.sha256(bytes(range(8))).hexdigest()
+    with pytest.raises(ZeroDivisionError):
+        with safe_io.atomic_path(path) as temporary:
+            temporary.write_bytes(b"half")
+            1 / 0
+    assert path.read_bytes() == bytes(range(8)) and [file.name for file in tmp_path.iterdir()] == ["states.bin"]
 
 
 def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
@@ -163,34 +182,72 @@ def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_pa
 @pytest.fixture
 def cache_run(make_config, tmp_path):
     """A config, model and sequences whose feature cache has been built once: ``(config, model, sequences,
-    features, path)``."""
+    states, files)``, ``states`` a copy of the cached transitions (the cache itself maps its file)."""
     config = ilp_config(make_config, tmp_path)
     model, loaders = build(config)
     sequences = loaders[0].windows.sequences
-    features = load_or_compute(config, model, sequences)
-    (path,) = (tmp_path / "cache").glob("*.pt")
-    return config, model, sequences, features, path
+    states = load_or_compute(config, model, sequences).transitions.clone()
+    (record,) = (tmp_path / "cache").glob("*.pt")
+    return config, model, sequences, states, feature_cache.CacheFiles.named(record.parent, record.stem)
 
 
-@pytest.mark.parametrize("damage", ["cut", "random", "zeroed test states"])
+def flip_byte(path, offset):
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        value = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([value ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", ["record cut", "record missing", "states cut", "states byte flipped"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(cache_run, damage, caplog):
-    config, model, sequences, features, path = cache_run
-    if damage == "cut":
-        cut_in_half(path)
-    elif damage == "random":
-        random_bytes(path)
+    config, model, sequences, states, files = cache_run
+    damaged = files.record if damage == "record cut" else files.states  # the warning names the file it distrusts
+    if damage == "record missing":
+        files.record.unlink()
+    elif damage.endswith("cut"):
+        cut_in_half(damaged)
     else:
-        test_rows = sequences.transition_index(torch.tensor([0]), sequences.test_position[:1])
-        zero_tensor_bytes(path, features.transitions[test_rows[0]])
+        test_row = int(sequences.transition_index(torch.tensor([0]), sequences.test_position[:1]))
+        flip_byte(damaged, test_row * states.shape[1] * states.element_size())
     with caplog.at_level(logging.WARNING):
         rebuilt = load_or_compute(config, model, sequences)
-    assert "is damaged" in caplog.text and "it is rebuilt" in caplog.text and str(path) in caplog.text
-    assert torch.equal(rebuilt.transitions, features.transitions)
-    assert torch.equal(load_checked(path)["transitions"], features.transitions), "the rebuilt cache is stored"
+    assert "it is rebuilt" in caplog.text and str(damaged) in caplog.text
+    assert torch.equal(rebuilt.transitions, states)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(load_or_compute(config, model, sequences).transitions, states), "the rebuilt cache is stored"
+    assert not caplog.text
+
+
+def test_a_run_on_a_damaged_cache_gives_the_clean_runs_metrics(settings, tmp_path):
+    def run(cache_dir):
+        entries = ilp_settings(tmp_path, feature_cache_dir=str(cache_dir), feature_cache_storage="bf16", epochs=2)
+        return run_recbole_st2si("ST2SI", "tiny", config_dict=settings(**entries))["test_result"]
+
+    clean = run(tmp_path / "clean")
+    (states,) = (tmp_path / "clean").glob("*.states")
+    flip_byte(states, states.stat().st_size // 2)
+    assert run(tmp_path / "clean") == clean
+
+
+def test_a_full_disk_while_caching_is_one_line_and_leaves_no_temporary(make_config, tmp_path, monkeypatch):
+    config = ilp_config(make_config, tmp_path)
+    model, loaders = build(config)
+
+    def no_space(descriptor, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safe_io.os, "posix_fallocate", no_space)
+    with pytest.raises(DiskFullError) as caught:
+        load_or_compute(config, model, loaders[0].windows.sequences)
+    message = str(caught.value)
+    assert "\n" not in message and ".states" in message and "No space left on device" in message
+    assert [file.suffix for file in (tmp_path / "cache").iterdir()] == [".lock"]
 
 
 def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, monkeypatch):
-    config, model, sequences, features, path = cache_run
+    config, model, sequences, states, files = cache_run
 
     def read_only_open(file, mode="r", *args, **kwargs):
         if any(flag in mode for flag in "wa+x"):
@@ -198,8 +255,9 @@ def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, mon
         return open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(feature_cache, "open", read_only_open, raising=False)
-    assert torch.equal(load_or_compute(config, model, sequences).transitions, features.transitions)
-    path.unlink()
+    assert torch.equal(load_or_compute(config, model, sequences).transitions, states)
+    files.record.unlink()
+    files.states.unlink()
     with pytest.raises(UserInputError, match="cannot be written \\(Read-only file system\\) and holds no cache"):
         load_or_compute(config, model, sequences)
 

@@ -27,6 +27,7 @@ BASELINES = ["SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec"]
         ({"multi_query": "flase"}, "multi_query must be True or False, got 'flase'"),
         ({"train_window": "rand"}, "train_window must be one of all, random, full, got 'rand'"),
         ({"train_stage": "ful"}, "train_stage must be one of auto, full, ilp, lora, pretrain"),
+        ({"feature_cache_storage": "fp16"}, "feature_cache_storage must be one of bf16, fp32, got 'fp16'"),
         ({"learnig_rate": 1e-3}, "unknown setting learnig_rate (from the command line or config_dict); did you mean learning_rate"),
         ({"resume": True}, "unknown setting resume (from the command line or config_dict)"),
         ({"topk": [0]}, "topk must be a positive integer"),

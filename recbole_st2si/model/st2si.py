@@ -194,6 +194,7 @@ class ST2SI(SequentialRecommender):
             "train_window": TRAIN_WINDOWS,
             "mixed_precision": tuple(AUTOCAST_DTYPES),
             "feature_cache_dtype": ("auto", *CACHE_DTYPES),
+            "feature_cache_storage": tuple(CACHE_DTYPES),
         }
 
     def __init__(self, config, dataset):
