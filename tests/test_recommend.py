@@ -203,6 +203,10 @@ def test_histories_extended_together_equal_their_fresh_encodings(make_config):
                 fresh = model(window, torch.tensor([window.shape[1]]))[0]
             assert torch.allclose(state.last_query_state, fresh, atol=1e-4), (step, history)
             assert state.num_tokens == int(model.segment_len[torch.tensor(history[-10:])].sum())
+    (alone,) = model.extend_histories(states[1:2], [11])  # a cache left by a batch grows on its own
+    window = torch.tensor([histories[1] + [11]])
+    with torch.no_grad():
+        assert torch.allclose(alone.last_query_state, model(window, torch.tensor([window.shape[1]]))[0], atol=1e-4)
 
 
 def test_sessions_grown_and_ranked_together_match_fresh_recommendations(saved_runs):

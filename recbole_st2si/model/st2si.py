@@ -125,9 +125,10 @@ class HistoryState:
 
 class PaddedHistoriesLayer(DynamicLayer):
     """One decoder layer's key/values of several histories in one batch: each history's cached
-    tokens, zero-padded to the longest (``past_width``; the attention mask hides the padding), then
-    room for ``new_width`` new tokens, which the forward pass writes in place instead of
-    concatenating the whole cache again."""
+    tokens, left-padded with zeros to the longest (``past_width``; the attention mask hides the
+    padding), then room for ``new_width`` new tokens, which the forward pass writes in place instead
+    of concatenating the whole cache again. Left padding keeps each history's tokens contiguous, so
+    afterwards every history's cache is a view of the batch, not a copy."""
 
     def __init__(self, layers, past_width, new_width):
         super().__init__()
@@ -135,10 +136,10 @@ class PaddedHistoriesLayer(DynamicLayer):
         shape = (len(layers), first.shape[1], past_width + new_width, first.shape[3])
         self.keys, self.values = first.new_empty(shape), first.new_empty(shape)
         for row, layer in enumerate(layers):
-            length = layer.keys.shape[2]
+            start = past_width - layer.keys.shape[2]
             for padded, cached in ((self.keys, layer.keys), (self.values, layer.values)):
-                padded[row, :, :length] = cached[0]
-                padded[row, :, length:past_width] = 0  # masked, but never NaN: 0 x NaN would leak into the output
+                padded[row, :, :start] = 0  # masked, but never NaN: 0 x NaN would leak into the output
+                padded[row, :, start:past_width] = cached[0]
         self.past_width, self.device, self.is_initialized = past_width, first.device, True
 
     def get_seq_length(self):
@@ -150,14 +151,11 @@ class PaddedHistoriesLayer(DynamicLayer):
         return self.keys, self.values
 
     def history(self, row, past, new):
-        """Row ``row``'s own layer cache afterwards: its ``past`` cached and ``new`` new tokens."""
-        keys, values = (
-            torch.cat([tensor[row : row + 1, :, :past], tensor[row : row + 1, :, self.past_width : self.past_width + new]], 2)
-            for tensor in (self.keys, self.values)
-        )
+        """Row ``row``'s own layer cache afterwards, its ``past`` cached and ``new`` new tokens: a view."""
         layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+        tokens = slice(self.past_width - past, self.past_width + new)
+        layer.lazy_initialization(self.keys, self.values)
+        layer.keys, layer.values = self.keys[row : row + 1, :, tokens], self.values[row : row + 1, :, tokens]
         return layer
 
 
@@ -385,7 +383,7 @@ class ST2SI(SequentialRecommender):
     def extend_histories(self, states, items):
         """Each of ``states`` with one more item, ``items[i]`` after ``states[i]``: in one backbone pass
         for all, each history runs only its new item's tokens and ``[Q]`` on its own cached key/values
-        (padded to the longest and masked). A history whose window would drop its oldest item (the item
+        (left-padded to the longest and masked). A history whose window would drop its oldest item (the item
         or token limit) is encoded afresh instead, since every position and key then changes. The
         states are consumed: a single history's key/values are extended in place."""
         new_lengths = self.segment_len[torch.as_tensor(items, device=self.device)].tolist()
@@ -412,7 +410,7 @@ class ST2SI(SequentialRecommender):
         output = self.backbone(
             input_ids=self.segment_tokens[new_items, :new_width],
             attention_mask=torch.cat([
-                torch.arange(past_width, device=self.device) < past[:, None],
+                torch.arange(past_width, device=self.device) >= past_width - past[:, None],
                 torch.arange(new_width, device=self.device) < new[:, None],
             ], 1).long(),
             position_ids=past[:, None] + torch.arange(new_width, device=self.device),
