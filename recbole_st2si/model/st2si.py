@@ -384,8 +384,8 @@ class ST2SI(SequentialRecommender):
         """Each of ``states`` with one more item, ``items[i]`` after ``states[i]``: in one backbone pass
         for all, each history runs only its new item's tokens and ``[Q]`` on its own cached key/values
         (left-padded to the longest and masked). A history whose window would drop its oldest item (the item
-        or token limit) is encoded afresh instead, since every position and key then changes. The
-        states are consumed: a single history's key/values are extended in place."""
+        or token limit) is encoded afresh instead, since every position and key then changes. Each
+        new state's key/values are a view of the pass's batch (one copy of the history's, no more)."""
         new_lengths = self.segment_len[torch.as_tensor(items, device=self.device)].tolist()
         extended = [None] * len(states)
         growing = []
@@ -399,13 +399,10 @@ class ST2SI(SequentialRecommender):
         past = torch.tensor([states[index].num_tokens for index in growing], device=self.device)
         new = torch.tensor([new_lengths[index] for index in growing], device=self.device)
         past_width, new_width = int(past.max()), int(new.max())
-        if len(growing) == 1:
-            cache = states[growing[0]].cache  # extended in place, no padding
-        else:
-            cache = Cache(layers=[
-                PaddedHistoriesLayer([states[index].cache.layers[layer] for index in growing], past_width, new_width)
-                for layer in range(len(states[growing[0]].cache.layers))
-            ])
+        cache = Cache(layers=[
+            PaddedHistoriesLayer([states[index].cache.layers[layer] for index in growing], past_width, new_width)
+            for layer in range(len(states[growing[0]].cache.layers))
+        ])
         new_items = torch.tensor([items[index] for index in growing], device=self.device)
         output = self.backbone(
             input_ids=self.segment_tokens[new_items, :new_width],
@@ -418,10 +415,7 @@ class ST2SI(SequentialRecommender):
             use_cache=True,
         )
         for row, index in enumerate(growing):
-            if len(growing) == 1:
-                cache = output.cache
-            else:
-                cache = Cache(layers=[layer.history(row, int(past[row]), int(new[row])) for layer in output.cache.layers])
+            cache = Cache(layers=[layer.history(row, int(past[row]), int(new[row])) for layer in output.cache.layers])
             extended[index] = HistoryState(
                 states[index].items + [items[index]], int(past[row] + new[row]), cache,
                 output.last_hidden_state[row, new[row] - 1],
