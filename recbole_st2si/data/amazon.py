@@ -49,6 +49,14 @@ def usable_id(value):
     )
 
 
+def note_short_user(source, n_items, counts):
+    """Count the users RecBole's leave-one-out cannot split as the source did, so the report shows them."""
+    if n_items == 3:
+        counts[f"{source}: users with 3 items (RecBole's LOO trains on their validation item)"] += 1
+    elif n_items < 3:
+        counts[f"{source}: users with fewer than 3 items (no valid/test target)"] += 1
+
+
 def _byte_lines(path, counts, what):
     """Yield the raw lines of a gzip or plain file (told apart by the gzip magic number, not the name);
     a truncated gzip stream ends the file with a count instead of a crash."""

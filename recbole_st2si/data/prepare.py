@@ -2,6 +2,7 @@
 
     python -m recbole_st2si.data.prepare amazon --reviews R --meta M --out dataset/NAME --name NAME
     python -m recbole_st2si.data.prepare recformer --src FOLDER --out dataset/NAME --name NAME
+    python -m recbole_st2si.data.prepare unisrec --src FOLDER --out dataset/NAME --name NAME
     python -m recbole_st2si.data.prepare merge --inputs dataset/Food dataset/Cell --out dataset/FoodCell --name FoodCell
 
 Every model (ST2SI and RecBole's SASRec, GRU4Rec, BERT4Rec, FDSA, S3Rec) then reads the same files with
@@ -14,7 +15,7 @@ import os
 import sys
 from collections import Counter
 
-from . import amazon, recformer
+from . import amazon, recformer, unisrec
 
 INTER_HEADER = ("user_id:token", "item_id:token", "timestamp:float")
 ITEM_HEADER = ("item_id:token", "title:token_seq", "brand:token_seq", "categories:token_seq")
@@ -104,6 +105,14 @@ def run_recformer(args, counts):
         raise PrepareError(str(err)) from err
 
 
+def run_unisrec(args, counts):
+    """A UniSRec-processed folder: each user's history chained from its rows, its split kept under RecBole's LOO."""
+    try:
+        return unisrec.convert(args.src, counts)
+    except unisrec.FolderError as err:
+        raise PrepareError(str(err)) from err
+
+
 def read_atomic(folder):
     """Rows of ``<folder>/<basename>.inter`` and ``.item`` as written by this tool (headers checked)."""
     name = os.path.basename(os.path.normpath(folder))
@@ -180,6 +189,12 @@ def build_parser():
     folder.add_argument("--src", required=True, help="the Recformer folder")
     _add_output(folder)
     folder.set_defaults(run=run_recformer)
+
+    uni = sub.add_parser("unisrec", help="a UniSRec-processed folder (<name>.train/valid/test.inter, .text, .item2index, "
+                                         ".user2index)")
+    uni.add_argument("--src", required=True, help="the UniSRec folder (one <stem>.train.inter and its siblings)")
+    _add_output(uni)
+    uni.set_defaults(run=run_unisrec)
 
     merge = sub.add_parser("merge", help="merge prepared domains (e.g. Food + Cell) with domain-prefixed ids")
     merge.add_argument("--inputs", required=True, nargs="+", help="prepared folders; each folder's name is its domain")

@@ -9,7 +9,7 @@ makes the test item the last target, the validation item the one before and the 
 import json
 import os
 
-from .amazon import clean_text, usable_id
+from .amazon import clean_text, note_short_user, usable_id
 
 FILES = ("train", "val", "test", "smap", "umap", "meta_data")
 
@@ -67,14 +67,6 @@ def _item_fields(meta, asin, counts):
     return tuple(clean_text(attrs.get(key)) for key in ("title", "brand", "category"))
 
 
-def _note_short_user(n_items, counts):
-    """Count the users RecBole's leave-one-out cannot split as Recformer did, so the report shows them."""
-    if n_items == 3:
-        counts["recformer: users with 3 items (RecBole's LOO trains on their validation item)"] += 1
-    elif n_items < 3:
-        counts["recformer: users with fewer than 3 items (no valid/test target)"] += 1
-
-
 def convert(src, counts):
     """Recformer folder -> (interactions [(user id, asin, position)] grouped by user, items {asin: fields})."""
     data = load_folder(src)
@@ -87,7 +79,7 @@ def convert(src, counts):
         if user is None or asins is None:
             counts["recformer: user with an index missing from umap/smap or a malformed list (user skipped)"] += 1
             continue
-        _note_short_user(len(asins), counts)
+        note_short_user("recformer", len(asins), counts)
         inters.extend((user, asin, position) for position, asin in enumerate(asins))
     used = sorted({asin for _, asin, _ in inters})
     return inters, {asin: _item_fields(data["meta_data"], asin, counts) for asin in used}
