@@ -21,7 +21,7 @@ from recbole_st2si.benchmark import ATTEMPTS_SEPARATOR, hardware_summary, now, r
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
 from recbole_st2si.safe_io import DamagedFileError, load_checked
-from recbole_st2si.trainer import last_finished_epoch, resume_state_file
+from recbole_st2si.run_files import RunFiles
 from recbole_st2si.utils import create_config
 
 EVALUATION_KEYS = (
@@ -106,9 +106,9 @@ class ResumableTraining:
         self.time_before_s = 0.0
         self.elapsed_by_epoch = {}
         self.hardware_by_attempt = [hardware_summary()]
-        has_checkpoint = self.checkpoint.is_file() or resume_state_file(self.checkpoint).is_file()
+        has_checkpoint = RunFiles.of(self.checkpoint).interrupted()
         if previous and previous["request"] == request and has_checkpoint:
-            epoch = last_finished_epoch(self.checkpoint)
+            epoch = RunFiles.of(self.checkpoint).last_finished_epoch()
             if str(epoch) in previous["elapsed_s_by_epoch"]:
                 self.resumed_from_epoch = epoch
                 self.time_before_s = previous["elapsed_s_by_epoch"][str(epoch)]

@@ -55,6 +55,8 @@ from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.model.st2si import QUERY_STATES
+from recbole_st2si.run_files import frozen_weights_digest
 from recbole_st2si.safe_io import (
     DamagedFileError,
     atomic_path,
@@ -64,30 +66,6 @@ from recbole_st2si.safe_io import (
     reserve_space,
     save_checked,
 )
-
-QUERY_FEATURE = "query_feature"
-"""Interaction field of the cached loaders: each sample's ``[Q]`` hidden state."""
-
-
-def has_cached_states(interaction):
-    """Whether a batch comes from a cached loader."""
-    return QUERY_FEATURE in interaction
-
-
-def cached_loss(model, interaction):
-    """The model's loss on a cached training batch: every state predicts its item through the ILP."""
-    return model.ilp_loss(interaction[QUERY_FEATURE], interaction[model.POS_ITEM_ID])
-
-
-def cached_item_scores(model, interaction):
-    """Full-ranking scores of a cached evaluation batch, as ``full_sort_predict`` gives them uncached."""
-    return model.item_logits(interaction[QUERY_FEATURE])
-
-
-def cached_candidate_scores(model, interaction):
-    """Scores of a cached sampled-evaluation batch, as ``predict`` gives them uncached."""
-    return model.candidate_scores(interaction[QUERY_FEATURE], interaction[model.ITEM_ID])
-
 
 CACHE_FORMAT = 4
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -190,9 +168,7 @@ def cache_dtype(setting, device):
 
 def _cache_key(model, sequences: UserSequences, dtype, storage):
     digest = hashlib.sha256(f"st2si-query-features-v{CACHE_FORMAT}".encode())
-    for name, tensor in model.backbone.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(frozen_weights_digest(model).encode())
     inputs = [model.segment_tokens, model.segment_len, sequences.items, sequences.offsets, sequences.num_train,
               sequences.valid_position, sequences.test_position]
     for tensor in inputs:
@@ -388,7 +364,7 @@ class CachedQueryTrainDataLoader(AbstractDataLoader):
         items = index[~is_window] - self.num_window_samples + 1
         states = torch.cat([self.features.transitions[rows], self.features.alignment[items - 1]])
         return Interaction({
-            QUERY_FEATURE: states.float(),  # stored in 16 bits: only the batch's rows are converted
+            QUERY_STATES: states.float(),  # stored in 16 bits: only the batch's rows are converted
             self._dataset.iid_field: torch.cat([sequences.transition_items(rows, row_users), items]),
         })
 
@@ -403,7 +379,7 @@ class _CachedQueryFeatureMixin:
     def collate_fn(self, index):
         interaction, *positions = super().collate_fn(index)
         users = interaction[self._dataset.uid_field]
-        interaction.update(Interaction({QUERY_FEATURE: self.features_by_user[users]}))
+        interaction.update(Interaction({QUERY_STATES: self.features_by_user[users]}))
         return (interaction, *positions)
 
 

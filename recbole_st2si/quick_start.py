@@ -1,7 +1,6 @@
 """One call that trains and tests ST2SI or any RecBole model under the same evaluation: RecBole's
 ``run_recbole`` flow with the plugin's config, dataset, dataloaders, model and trainer."""
 
-import os
 import time
 from logging import getLogger
 
@@ -9,8 +8,8 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_st2si.distributed import distributed_settings, spawn_ranks
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.recommend import write_serving_file
-from recbole_st2si.trainer import get_trainer, resume_state_file
+from recbole_st2si.run_files import RunFiles, is_writer, serving_info
+from recbole_st2si.trainer import get_trainer
 from recbole_st2si.utils import create_config, create_dataset, data_preparation, get_model
 
 
@@ -39,8 +38,10 @@ def run_recbole_st2si(
         and, for reports, ``train_time_s`` (training and validation), ``dataset_statistics``, the
         final ``config`` and the ``trainer`` (with its model).
     """
-    if resume and not (checkpoint_file and (os.path.isfile(checkpoint_file) or resume_state_file(checkpoint_file).is_file())):
-        raise UserInputError(f"resume needs the checkpoint of an interrupted run (--checkpoint_file), got {checkpoint_file!r}")
+    if resume and not checkpoint_file:
+        raise UserInputError("resume needs the checkpoint of an interrupted run: --checkpoint_file=<its .pth>")
+    if resume and not RunFiles.of(checkpoint_file).interrupted():
+        raise UserInputError(f"--resume: {checkpoint_file} does not exist, nor its training state beside it")
     config = create_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -57,11 +58,9 @@ def run_recbole_st2si(
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if checkpoint_file:
-        trainer.saved_model_file = str(checkpoint_file)
-        if resume:
-            trainer.resume_checkpoint(checkpoint_file)
-    if saved and config["local_rank"] == 0:  # before training: an interrupted run can be served too
-        write_serving_file(config, dataset, model, trainer.saved_model_file)
+        trainer.use_checkpoint(checkpoint_file, resume)
+    if saved and is_writer(config):  # written with the first checkpoint: an interrupted run can be served too
+        trainer.serving_info = serving_info(config, dataset, (train_data.dataset, valid_data.dataset, test_data.dataset), model)
     fit_start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn

@@ -5,7 +5,7 @@
 
 ST2SI (every ``train_stage``) and RecBole's sequential models (SASRec, GRU4Rec, ...) are served the
 same way. A run that saves its checkpoint also writes a *serving file* beside it
-(``<checkpoint>.serving.pth``, see :func:`write_serving_file`): the configuration, the item
+(``<checkpoint>.serving.pth``, see :func:`recbole_st2si.run_files.serving_info`): the configuration, the item
 vocabulary and titles, every user's history, and, for ST2SI, the item token table and which backbone
 it ran on with a hash of the weights the checkpoint does not hold (an ``ilp`` checkpoint holds only
 the ILP; its frozen backbone comes from ``llm_path`` again and must be the same).
@@ -16,118 +16,19 @@ history that is longer is refused unless ``truncate`` (``--truncate``) asks for 
 """
 
 import argparse
-import hashlib
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from recbole.data.interaction import Interaction
-from recbole.utils import FeatureType
+from recbole.utils import init_seed
 from transformers.utils import logging as transformers_logging
 
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.model.st2si import ST2SI, mask_items
-from recbole_st2si.safe_io import load_checked, save_checked
+from recbole_st2si.run_files import RunFiles, frozen_weights_digest, load_checkpoint, load_weights, read_serving_file
 from recbole_st2si.utils import get_model
-
-SERVING_FORMAT = 1
-
-
-def serving_file(model_file) -> Path:
-    """Where the serving file of the checkpoint ``model_file`` lies: beside it."""
-    path = Path(model_file)
-    return path.with_name(f"{path.stem}.serving.pth")
-
-
-def untrained_weights_digest(model) -> str:
-    """sha256 of the weights a checkpoint does not hold (those that did not train: the frozen
-    backbone of ``ilp`` and ``lora``); a checkpoint of ``full`` holds every weight."""
-    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if name not in trained:
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _plain_settings(config):
-    """The configuration's entries that a weights-only file stores (numbers, strings, lists, dicts)."""
-    settings = {}
-    for name, value in config.final_config_dict.items():
-        try:
-            settings[name] = json.loads(json.dumps(value))
-        except (TypeError, ValueError):
-            continue  # the device, enums: restored or not needed when serving
-    return settings
-
-
-def _item_titles(dataset, text_fields) -> list[str]:
-    """Each item's title by internal id: its first text field (``text_fields``, else its first
-    ``token_seq`` field, e.g. for a baseline on a dataset without a dataset config); empty if none."""
-    columns = [] if dataset.item_feat is None else dataset.item_feat.columns
-    sequences = [name for name in columns if dataset.field2type[name] == FeatureType.TOKEN_SEQ]
-    field = (list(text_fields or []) or sequences or [None])[0]
-    if field not in columns:
-        return [""] * dataset.item_num
-    values = dataset.item_feat[field]
-    if dataset.field2type[field] == FeatureType.FLOAT:
-        return [f"{value:g}" for value in values.tolist()]
-    vocabulary = dataset.field2id_token[field]
-    return [" ".join(str(vocabulary[token]) for token in row if token) for row in values.view(len(values), -1).tolist()]
-
-
-def _user_histories(dataset, config):
-    """Every user's items in time order (CSR: ``items[offsets[u]:offsets[u + 1]]``), internal ids.
-
-    After its split a RecBole sequential dataset holds one row per target item, the items before it
-    in the row's item list: a user's history is the item list of the first row and every target.
-    """
-    inter = dataset.inter_feat
-    users = inter[dataset.uid_field].numpy()
-    times = inter[dataset.time_field].numpy() if dataset.time_field else np.zeros(len(users))
-    order = np.lexsort((np.arange(len(users)), times, users))
-    users, targets = users[order], inter[dataset.iid_field].numpy()[order]
-    seq_field = dataset.iid_field + config["LIST_SUFFIX"]
-    histories = [[] for _ in range(dataset.user_num)]
-    for row, (user, target) in enumerate(zip(users.tolist(), targets.tolist())):
-        if not histories[user] and seq_field in inter.columns:
-            first = order[row]
-            histories[user] = inter[seq_field][first, : inter[config["ITEM_LIST_LENGTH_FIELD"]][first]].tolist()
-        histories[user].append(target)
-    offsets = np.concatenate([[0], np.cumsum([len(history) for history in histories])])
-    return torch.tensor([item for history in histories for item in history], dtype=torch.long), torch.as_tensor(offsets)
-
-
-def write_serving_file(config, dataset, model, model_file):
-    """Write, beside the checkpoint ``model_file``, everything :func:`load_recommender` needs besides
-    the checkpoint itself, so that a saved run can be served without its dataset files."""
-    items, offsets = _user_histories(dataset, config)
-    info = {
-        "format": SERVING_FORMAT,
-        "model": config["model"],
-        "config": _plain_settings(config),
-        "items": [str(token) for token in dataset.field2id_token[dataset.iid_field]],
-        "titles": _item_titles(dataset, config["text_fields"]),
-        "users": [str(token) for token in dataset.field2id_token[dataset.uid_field]],
-        "history_items": items,
-        "history_offsets": offsets,
-    }
-    if isinstance(model, ST2SI):
-        info.update(
-            item_token_ids=dataset.item_token_ids,
-            item_token_len=dataset.item_token_len,
-            backbone={
-                "llm_path": config["llm_path"],
-                "pretrained_backbone": config["pretrained_backbone"],
-                "untrained_weights_sha256": untrained_weights_digest(model),
-            },
-        )
-    save_checked(info, serving_file(model_file))
-
 
 class SavedConfig(dict):
     """Settings restored from a serving file; like RecBole's ``Config``, a missing key reads as None."""
@@ -149,10 +50,6 @@ class SavedDataset:
         return len(self.field2id_token[field])
 
 
-def _read(path, what):
-    return load_checked(path, remedy=f"this {what} cannot be served; train the run again")
-
-
 BACKBONE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -169,20 +66,13 @@ def load_recommender(model_file, llm_path=None, device=None, precision="fp32"):
     """
     if precision not in BACKBONE_PRECISIONS:
         raise UserInputError(f"precision must be one of {list(BACKBONE_PRECISIONS)}, got {precision!r}")
-    model_file = Path(model_file)
-    if not model_file.is_file():
-        raise UserInputError(f"model file {model_file}: no such file")
-    sidecar = serving_file(model_file)
-    if not sidecar.is_file():
-        raise UserInputError(
-            f"{model_file} has no serving file {sidecar.name} beside it; runs write one when they save their checkpoint"
-        )
-    info = _read(sidecar, "serving file")
-    if info.get("format") != SERVING_FORMAT:
-        raise UserInputError(f"serving file {sidecar} has format {info.get('format')}, not {SERVING_FORMAT}")
+    files = RunFiles.of(model_file)
+    checkpoint = load_checkpoint(files.checkpoint)
+    info = read_serving_file(files, checkpoint)
     config = SavedConfig(info["config"], device=torch.device(device or "cpu"), ilp_checkpoint=None)
     if llm_path:
         config["llm_path"] = llm_path
+    init_seed(config["seed"], config["reproducibility"])  # weights created at random are the training run's
     try:
         model = get_model(info["model"])(config, SavedDataset(info, config))
     except (AttributeError, KeyError) as error:
@@ -191,32 +81,18 @@ def load_recommender(model_file, llm_path=None, device=None, precision="fp32"):
         ) from None
     if isinstance(model, ST2SI):
         _check_backbone(model, info["backbone"], config["llm_path"])
-    _load_weights(model, _read(model_file, "model file"), model_file)
+    load_weights(model, checkpoint, model_file)
     if isinstance(model, ST2SI):
         model.backbone.to(BACKBONE_PRECISIONS[precision])
     return Recommender(model.to(config["device"]).eval(), info)
 
 
 def _check_backbone(model, recorded, llm_path):
-    if untrained_weights_digest(model) != recorded["untrained_weights_sha256"]:
+    if frozen_weights_digest(model) != recorded["frozen_weights_sha256"]:
         raise UserInputError(
             f"the backbone llm_path={llm_path!r} (pretrained_backbone={recorded['pretrained_backbone']!r}) is not the one "
             f"this model was trained on (llm_path={recorded['llm_path']!r}): its weights hash differently"
         )
-
-
-def _load_weights(model, checkpoint, model_file):
-    if checkpoint.get("model") != model.__class__.__name__:
-        raise UserInputError(f"{model_file} holds a {checkpoint.get('model')} model, not {model.__class__.__name__}")
-    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    not_saved = set(model.state_dict()) - trained if isinstance(model, ST2SI) else set()
-    if unexpected or set(missing) - not_saved:
-        raise UserInputError(
-            f"{model_file} does not match its serving file: missing {sorted(set(missing) - not_saved)[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    model.load_other_parameter(checkpoint.get("other_parameter"))
 
 
 @dataclass
@@ -236,6 +112,7 @@ class Recommender:
         self.titles = info["titles"]
         self.item_ids = {token: index for index, token in enumerate(self.items) if index > 0}
         self.users = {token: index for index, token in enumerate(info["users"]) if index > 0}
+        self.history_of = {user: row for row, user in enumerate(info["history_users"].tolist())}
         self.history_items, self.history_offsets = info["history_items"], info["history_offsets"]
         self.max_items = model.max_seq_length
 
@@ -243,8 +120,10 @@ class Recommender:
         """The raw item ids of a known user's history, oldest first."""
         if str(user) not in self.users:
             raise UserInputError(f"unknown user {user!r}: not in the dataset this model was trained on")
-        index = self.users[str(user)]
-        items = self.history_items[self.history_offsets[index] : self.history_offsets[index + 1]]
+        row = self.history_of.get(self.users[str(user)])
+        if row is None:
+            raise UserInputError(f"user {user!r} has no history left in the training data (its items were filtered out)")
+        items = self.history_items[self.history_offsets[row] : self.history_offsets[row + 1]]
         return [self.items[item] for item in items.tolist()]
 
     def _item_ids(self, items):

@@ -79,12 +79,14 @@ def _write_error(path, error, size):
 
 
 @contextmanager
-def atomic_path(path, size=None):
+def atomic_path(path, size=None, exclusive=False):
     """Yield the path of a new temporary file beside ``path`` (for writers that need a path, such as
     a memory map); once the block ends it is flushed to the disk and renamed over ``path``.
 
-    ``size``: the expected number of bytes, for the disk-full message. Any error removes the
-    temporary file; a full disk or an unwritable folder becomes one :class:`UserInputError` line.
+    ``size``: the expected number of bytes, for the disk-full message. ``exclusive``: ``path`` must
+    not exist (it is linked into place, which fails if another writer got there first), so no file
+    of another writer is ever replaced. Any error removes the temporary file; a full disk, an
+    unwritable folder or an existing exclusive target becomes one :class:`UserInputError` line.
     """
     path = Path(path)
     try:
@@ -101,21 +103,27 @@ def atomic_path(path, size=None):
             os.fsync(descriptor)  # also writes back what memory maps of other processes changed
         finally:
             os.close(descriptor)
-        os.replace(temporary, path)
+        if exclusive:
+            os.link(temporary, path)
+            os.unlink(temporary)
+        else:
+            os.replace(temporary, path)
         _sync_folder(path.parent)
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, FileExistsError) and exclusive:
+            raise UserInputError(f"{path} exists: another run wrote it; it is left as it is") from None
         if isinstance(error, OSError):
             raise _write_error(path, error, size) from None
         raise
 
 
 @contextmanager
-def atomic_file(path, size=None, text=False):
+def atomic_file(path, size=None, text=False, exclusive=False):
     """Yield a file to write ``path``'s new contents to; it replaces ``path`` only once complete
     (see :func:`atomic_path`)."""
-    with atomic_path(path, size) as temporary:
+    with atomic_path(path, size, exclusive) as temporary:
         with open(temporary, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as file:
             writer = file if text else _RecordingWriter(file)
             try:
@@ -211,9 +219,9 @@ def payload_size(value):
     return 0
 
 
-def save_torch(value, path):
+def save_torch(value, path, exclusive=False):
     """``torch.save`` through :func:`atomic_file`."""
-    with atomic_file(path, size=payload_size(value)) as file:
+    with atomic_file(path, size=payload_size(value), exclusive=exclusive) as file:
         torch.save(value, file)
 
 
@@ -242,9 +250,10 @@ def _feed(digest, value):
         digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
-def save_checked(record: dict, path):
-    """Save a dictionary of tensors and numbers atomically, with the digest of its contents."""
-    save_torch({**record, CHECKSUM_KEY: content_digest(record)}, path)
+def save_checked(record: dict, path, exclusive=False):
+    """Save a dictionary of tensors and numbers atomically, with the digest of its contents
+    (``exclusive``: never replacing an existing file)."""
+    save_torch({**record, CHECKSUM_KEY: content_digest(record)}, path, exclusive)
 
 
 def load_checked(path, map_location="cpu", remedy=None) -> dict:

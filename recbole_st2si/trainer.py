@@ -7,9 +7,8 @@ import math
 import os
 import random
 import sys
-from functools import partial
+import uuid
 from logging import getLogger
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,30 +23,21 @@ from transformers import get_cosine_schedule_with_warmup
 
 from recbole_st2si.backbone import load_tokenizer, save_backbone
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.feature_cache import (
-    QueryFeatureCache,
-    cached_candidate_scores,
-    cached_item_scores,
-    cached_loss,
-    has_cached_states,
+from recbole_st2si.feature_cache import QueryFeatureCache
+from recbole_st2si.run_files import (
+    RunFiles,
+    checkpoint_state_dict,
+    is_writer,
+    load_checkpoint,
+    load_ilp,
+    load_weights,
+    save_checkpoint,
+    save_ilp,
+    write_serving_file,
 )
-from recbole_st2si.safe_io import load_checked, save_checked
+from recbole_st2si.safe_io import save_checked
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}  # mixed_precision
-DAMAGED_CHECKPOINT_REMEDY = "start over with another --checkpoint_file, or delete it"
-
-
-def resume_state_file(checkpoint_file):
-    """Where a run keeps its latest training state, beside its best checkpoint ``<name>.pth``."""
-    path = Path(checkpoint_file)
-    return path.with_name(f"{path.stem}-resume{path.suffix}")
-
-
-def last_finished_epoch(checkpoint_file):
-    """The epoch after which :meth:`SafeCheckpointMixin.resume_checkpoint` continues this checkpoint's run."""
-    state_file = resume_state_file(checkpoint_file)
-    source = state_file if state_file.is_file() else checkpoint_file
-    return load_checked(source, remedy=DAMAGED_CHECKPOINT_REMEDY)["epoch"]
 
 
 def random_states():
@@ -71,12 +61,15 @@ def restore_random_states(states):
 
 
 class SafeCheckpointMixin:
-    """Checkpoints made of tensors and numbers only, reloaded with ``torch.load(weights_only=True)``.
+    """Checkpoints made of tensors and numbers only, reloaded with ``torch.load(weights_only=True)``,
+    named and written through :mod:`recbole_st2si.run_files`.
 
     RecBole pickles its ``Config`` into every checkpoint, which PyTorch >= 2.6 refuses to load by
     default, so RecBole's own reload of the best model for the test fails there. Mixed in front of
     any RecBole trainer (see :func:`get_trainer`), this keeps RecBole's training loop untouched.
-    In a distributed run rank 0 writes the checkpoint and every rank reloads it for the test.
+    A run gets a name no other run has and an identity (``run_id``); its first checkpoint is
+    created exclusively and its serving file (``serving_info``, when set) is written with it. In a
+    distributed run rank 0 writes the files and every rank reloads the checkpoint for the test.
     """
 
     def __init__(self, config, model):
@@ -86,10 +79,18 @@ class SafeCheckpointMixin:
         self.checkpoint_valid_result = None
         self.pending_resume_state = None
         self.saving_resume_state = False
-        if not config["single_spec"]:  # RecBole names the file by each rank's own clock
-            names = [self.saved_model_file]
-            dist.broadcast_object_list(names, src=0)
-            self.saved_model_file = names[0]
+        self.checkpoint_created = False
+        self.serving_info = None
+        identity = [str(RunFiles.new(config["checkpoint_dir"], config["model"]).checkpoint), uuid.uuid4().hex]
+        if not config["single_spec"]:  # one name and identity for all ranks: rank 0's
+            dist.broadcast_object_list(identity, src=0)
+        self.saved_model_file, self.run_id = identity
+
+    def use_checkpoint(self, checkpoint_file, resume=False):
+        """Save the best model to ``checkpoint_file``; ``resume``: continue the interrupted run saved there."""
+        self.saved_model_file = str(checkpoint_file)
+        if resume:
+            self.resume_checkpoint(checkpoint_file)
 
     def _valid_epoch(self, valid_data, show_progress=False):
         # RecBole saves a new best model before it updates ``best_valid_result``; the checkpoint keeps
@@ -98,21 +99,18 @@ class SafeCheckpointMixin:
         self.checkpoint_valid_result = valid_result
         return valid_score, valid_result
 
-    def checkpoint_state_dict(self):
-        """What a checkpoint stores of the model; ST2SI narrows it to the parameters it trains."""
-        return self.model.state_dict()
-
     def _checkpoint(self, epoch):
         # Modules some models list as "other parameters" (FDSA's feature embedding) are pickled
         # objects, not tensors; their weights are in the state dict already.
         other = self.model.other_parameter() or {}
         return {
             "model": self.config["model"],
+            "run_id": self.run_id,
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": {key: float(value) for key, value in (self.checkpoint_valid_result or {}).items()},
-            "state_dict": self.checkpoint_state_dict(),
+            "state_dict": checkpoint_state_dict(self.model),
             "other_parameter": {k: v for k, v in other.items() if not isinstance(v, torch.nn.Module)},
             "optimizer": self.optimizer.state_dict(),
         }
@@ -128,10 +126,13 @@ class SafeCheckpointMixin:
         self.saved_model_file = saved_model_file
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not is_writer(self.config):
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        save_checked(self._checkpoint(epoch), saved_model_file)
+        save_checkpoint(saved_model_file, self._checkpoint(epoch), create=not self.checkpoint_created)
+        if not self.checkpoint_created and self.serving_info is not None:
+            write_serving_file(RunFiles.of(saved_model_file), {**self.serving_info, "run_id": self.run_id})
+        self.checkpoint_created = True
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -139,12 +140,12 @@ class SafeCheckpointMixin:
         """RecBole's training loop; before every epoch but the first the whole training state is
         saved beside the checkpoint (see :meth:`save_resume_state`), and removed once training ends."""
         self.saving_resume_state = saved
-        self.resume_file = resume_state_file(self.saved_model_file)  # pre-training renames saved_model_file
+        self.resume_file = RunFiles.of(self.saved_model_file).resume  # pre-training renames saved_model_file
         if self.pending_resume_state:
             self._restore_loop_state(self.pending_resume_state, train_data)
             self.pending_resume_state = None
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        if saved and (self.config["single_spec"] or self.config["local_rank"] == 0):
+        if saved and is_writer(self.config):
             self.resume_file.unlink(missing_ok=True)
         return result
 
@@ -157,22 +158,13 @@ class SafeCheckpointMixin:
         scheduler, early-stopping state, losses so far, the training loader's random generators
         (shuffling, windows) and the global ones, so that a resumed run trains exactly as an
         uninterrupted one. Written atomically; the first epoch of a run has nothing to save yet."""
-        if not self.saving_resume_state or epoch_idx == self.start_epoch:
+        if not self.saving_resume_state or epoch_idx == self.start_epoch or not is_writer(self.config):
             return
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
-        other = self.model.other_parameter() or {}
         scheduler = getattr(self, "scheduler", None)
         state = {
-            "model": self.config["model"],
-            "epoch": epoch_idx - 1,
-            "cur_step": self.cur_step,
-            "best_valid_score": float(self.best_valid_score),
+            **self._checkpoint(epoch_idx - 1),
             "best_valid_result": {key: float(value) for key, value in (self.best_valid_result or {}).items()},
             "train_loss_dict": {int(key): float(value) for key, value in self.train_loss_dict.items()},
-            "state_dict": self.checkpoint_state_dict(),
-            "other_parameter": {k: v for k, v in other.items() if not isinstance(v, torch.nn.Module)},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "generators": {name: value.get_state() for name, value in vars(train_data).items()
                            if isinstance(value, torch.Generator)},
@@ -182,20 +174,8 @@ class SafeCheckpointMixin:
 
     def load_checkpoint(self, checkpoint_file):
         """Load model weights from one of our checkpoints; returns the whole checkpoint dict."""
-        checkpoint = load_checked(checkpoint_file, self.device, remedy=DAMAGED_CHECKPOINT_REMEDY)
-        if checkpoint.get("model", self.config["model"]) != self.config["model"]:
-            raise UserInputError(
-                f"{checkpoint_file} holds a {checkpoint['model']} model, not {self.config['model']}"
-            )
-        saved = checkpoint["state_dict"]
-        missing, unexpected = self.model.load_state_dict(saved, strict=False)
-        not_saved_on_purpose = set(self.model.state_dict()) - set(self.checkpoint_state_dict())
-        if unexpected or set(missing) - not_saved_on_purpose:
-            raise UserInputError(
-                f"{checkpoint_file} does not match this model: missing {sorted(set(missing) - not_saved_on_purpose)[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        checkpoint = load_checkpoint(checkpoint_file, self.device, self.config["model"])
+        load_weights(self.model, checkpoint, checkpoint_file)
         self.logger.info(f"Loading model parameters from {checkpoint_file}")
         return checkpoint
 
@@ -203,10 +183,12 @@ class SafeCheckpointMixin:
         """Continue an interrupted run: from its latest training state where one was saved beside
         the checkpoint (the same course as without the interruption), else from the best checkpoint
         (the epochs after it are trained again). RecBole's ``load_state_dict`` checks are replaced by ours."""
-        state_file = resume_state_file(resume_file)
-        full_state = state_file.is_file()
-        checkpoint = self.load_checkpoint(state_file if full_state else resume_file)
+        files = RunFiles.of(resume_file)
+        full_state = files.resume.is_file()
+        checkpoint = self.load_checkpoint(files.resume if full_state else files.checkpoint)
         self.saved_model_file = str(resume_file)
+        self.run_id = checkpoint.get("run_id", self.run_id)
+        self.checkpoint_created = files.checkpoint.is_file()
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
@@ -288,6 +270,8 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         self.scheduler = None
         self.uses_feature_cache = config["train_stage"] == "ilp" and bool(config["feature_cache"])
         self.feature_cache = None  # built by fit
+        if config["ilp_checkpoint"]:
+            load_ilp(model, config["ilp_checkpoint"])
 
     def _autocast_dtype(self, mixed_precision):
         if mixed_precision not in AUTOCAST_DTYPES:
@@ -302,10 +286,6 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         if rest:
             groups.append({"params": rest, "lr": self.learning_rate})
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-
-    def checkpoint_state_dict(self):
-        trained = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
-        return {name: tensor for name, tensor in self.model.state_dict().items() if name in trained}
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.uses_feature_cache:
@@ -322,22 +302,20 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
             last_epoch=self.start_epoch * steps_per_epoch - 1,
         )
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        if saved and self.config["local_rank"] == 0:
+        if saved and is_writer(self.config):
             self.load_checkpoint(self.saved_model_file)
             self.save_parts()
         return result
 
     def save_parts(self):
-        """Save the ILP on its own (small) and, after pre-training, the backbone, both named after the
-        run's checkpoint (``<checkpoint>-ilp.pth``, ``<checkpoint>-backbone``), so that no run replaces
+        """Save the ILP on its own (small) and, after pre-training, the backbone, named after the
+        run's checkpoint (:class:`~recbole_st2si.run_files.RunFiles`), so that no run replaces
         another's. Called after the best checkpoint's weights are loaded."""
-        config, logger = self.config, getLogger()
-        run_name = os.path.splitext(self.saved_model_file)[0]
-        ilp_file = f"{run_name}-ilp.pth"
-        self.model.save_ilp(ilp_file)
-        logger.info(set_color("ILP saved", "blue") + f": {ilp_file} (reuse it with --ilp_checkpoint={ilp_file})")
+        config, logger, files = self.config, getLogger(), RunFiles.of(self.saved_model_file)
+        save_ilp(self.model, files.ilp)
+        logger.info(set_color("ILP saved", "blue") + f": {files.ilp} (reuse it with --ilp_checkpoint={files.ilp})")
         if config["train_stage"] == "pretrain":
-            folder = config["pretrained_backbone_dir"] or f"{run_name}-backbone"
+            folder = config["pretrained_backbone_dir"] or files.backbone
             if os.path.exists(folder):
                 logger.warning(f"pretrained_backbone_dir {folder} exists: its backbone is replaced by this run's")
             tokenizer, _ = load_tokenizer(config["llm_path"], config["query_token"])
@@ -347,28 +325,10 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
                 + f": {folder} (fine-tune a target domain with --pretrained_backbone={folder})"
             )
 
-    def _full_sort_batch_eval(self, batched_data):
-        interaction, history_index, positive_u, positive_i = batched_data
-        if not has_cached_states(interaction):
-            return super()._full_sort_batch_eval(batched_data)
-        scores = cached_item_scores(self.model, interaction.to(self.device))
-        if history_index is not None:
-            scores[history_index] = -np.inf
-        return interaction, scores, positive_u, positive_i
-
-    def _neg_sample_batch_eval(self, batched_data):
-        interaction, row_idx, positive_u, positive_i = batched_data
-        if not has_cached_states(interaction):
-            return super()._neg_sample_batch_eval(batched_data)
-        interaction = interaction.to(self.device)
-        scores = torch.full((positive_u[-1] + 1, self.tot_item_num), -np.inf, device=self.device)
-        scores[row_idx, interaction[self.model.ITEM_ID]] = cached_candidate_scores(self.model, interaction)
-        return interaction, scores, positive_u, positive_i
-
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.save_resume_state(epoch_idx, train_data)
         self.model.train()
-        loss_func = loss_func or (partial(cached_loss, self.model) if self.feature_cache else self.model.calculate_loss)
+        loss_func = loss_func or self.model.calculate_loss
         if not self.config["single_spec"] and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)

@@ -62,7 +62,8 @@ def test_cli_trains_and_tests_on_the_tiny_dataset(model, extra, expected, tmp_pa
                                                                  "error: learning_rate must be a number > 0, got -1"),
         (["--dataset=tiny", "--learnig_rate=1e-3"], "unknown setting learnig_rate (from the command line or "
                                                     "config_dict); did you mean learning_rate"),
-        (["--dataset=tiny", "--resume=True", "--checkpoint_file=none.pth"], "resume needs the checkpoint"),
+        (["--dataset=tiny", "--resume=True", "--checkpoint_file=none.pth"], "--resume: none.pth does not exist"),
+        (["--dataset=tiny", "--resume=True"], "resume needs the checkpoint of an interrupted run: --checkpoint_file"),
         (["--dataset=Food,Cell", "--train_stage=pretrain"], "dataset 'Food' not found"),
     ],
 )

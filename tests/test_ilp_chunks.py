@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_st2si.feature_cache import QUERY_FEATURE, cached_loss
 from recbole_st2si.model import ST2SI
+from recbole_st2si.model.st2si import QUERY_STATES
 from recbole_st2si.utils import create_dataset
 
 
@@ -50,7 +50,7 @@ def test_cached_feature_loss_is_chunked_and_stays_float32_under_bf16_autocast(ch
     states = torch.randn(20, chunked_model.ilp.in_features)
     targets = torch.randint(1, chunked_model.n_items, (20,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = cached_loss(chunked_model, Interaction({QUERY_FEATURE: states, "item_id": targets}))
+        loss = chunked_model.calculate_loss(Interaction({QUERY_STATES: states, "item_id": targets}))
     reference = F.cross_entropy(reference_logits(states, chunked_model.ilp.weight.detach()), targets)
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, reference, atol=1e-5)

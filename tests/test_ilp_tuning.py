@@ -8,15 +8,11 @@ from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.feature_cache import (
-    QUERY_FEATURE,
-    QueryFeatureCache,
-    cached_candidate_scores,
-    cached_item_scores,
-    cached_loss,
-)
+from recbole_st2si.feature_cache import QueryFeatureCache
 from recbole_st2si.model import ST2SI
+from recbole_st2si.model.st2si import QUERY_STATES
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.run_files import load_ilp, save_ilp
 from recbole_st2si.safe_io import save_checked
 from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
@@ -55,7 +51,7 @@ def epoch_losses(model, plain_train, cached_train):
     index = list(range(plain_train.sample_size))
     assert cached_train.sample_size == plain_train.sample_size
     with torch.no_grad():
-        return model.calculate_loss(plain_train.collate_fn(index)), cached_loss(model, cached_train.collate_fn(index))
+        return model.calculate_loss(plain_train.collate_fn(index)), model.calculate_loss(cached_train.collate_fn(index))
 
 
 @pytest.mark.parametrize("train_window", ["all", "full"])
@@ -69,12 +65,12 @@ def test_cached_features_give_the_uncached_loss_and_scores(make_config, tmp_path
     with torch.no_grad():
         for index in ([0, 1, 2], list(range(5, 60, 4)), list(range(train_data.sample_size))):
             uncached = model.calculate_loss(train_data.collate_fn(index))
-            cached = cached_loss(model, cached_train.collate_fn(index))
+            cached = model.calculate_loss(cached_train.collate_fn(index))
             assert torch.allclose(cached, uncached, atol=1e-5)
         for plain, cached in ((valid_data, cached_valid), (test_data, cached_test)):
             for plain_batch, cached_batch in zip(plain, cached):
                 assert torch.allclose(
-                    cached_item_scores(model, cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
+                    model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4
                 )
 
 
@@ -108,7 +104,7 @@ def test_long_histories_use_every_transition_once_with_the_uncached_windows(make
     assert torch.allclose(cached, uncached, atol=1e-5)
     with torch.no_grad():
         for plain_batch, cached_batch in zip(test_data, cached_test):
-            assert torch.allclose(cached_item_scores(model, cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4)
+            assert torch.allclose(model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]), atol=1e-4)
 
 
 def test_bf16_cache_stays_close_to_float32(make_config, tmp_path):
@@ -133,8 +129,8 @@ def test_cached_features_serve_the_sampled_uni19_evaluation(make_config, tmp_pat
         for loader in (cached_valid, cached_test):
             for interaction, row_user, positive_u, _ in loader:
                 assert len(row_user) == 20 * len(positive_u)  # the target and 19 negatives per user
-                plain = Interaction({k: v for k, v in interaction.interaction.items() if k != QUERY_FEATURE})
-                assert torch.allclose(cached_candidate_scores(model, interaction), model.predict(plain), atol=1e-4)
+                plain = Interaction({k: v for k, v in interaction.interaction.items() if k != QUERY_STATES})
+                assert torch.allclose(model.predict(interaction), model.predict(plain), atol=1e-4)
 
 
 def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp_path):
@@ -148,9 +144,10 @@ def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp
 
     shorter_text = ilp_config(make_config, tmp_path, max_attr_tokens=1)
     cached_dataloaders(shorter_text, *build_pair(shorter_text))
+    other, loaders = build(config)
     with torch.no_grad():
-        model.backbone.layers[0].mlp.up_proj.weight.add_(0.01)  # another backbone, same inputs
-    cached_dataloaders(config, model, *loaders)
+        other.backbone.layers[0].mlp.up_proj.weight.add_(0.01)  # another backbone, same inputs
+    cached_dataloaders(config, other, *loaders)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 
@@ -179,7 +176,7 @@ def test_without_multi_query_random_windows_train_one_random_transition_per_samp
     first = sequences.transition_index(users, torch.ones_like(users))
     last = sequences.transition_index(users, sequences.num_train[users] - 1)  # the last training target
     index = list(range(cached_train.sample_size))
-    draws = [cached_train.collate_fn(index)[QUERY_FEATURE].long().flatten() for _ in range(2)]
+    draws = [cached_train.collate_fn(index)[QUERY_STATES].long().flatten() for _ in range(2)]
     for rows in draws:
         assert len(rows) == len(users) and ((first <= rows) & (rows <= last)).all()  # one training transition each
     assert not torch.equal(draws[0], draws[1]) and (draws[0] < last).any()  # not always the last
@@ -224,13 +221,15 @@ def test_pretrained_backbone_of_another_architecture_is_refused(make_config, tmp
 def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
     model, _ = build(make_config())
     path = tmp_path / "ilp.pth"
-    model.save_ilp(path)
-    reloaded, _ = build(make_config(ilp_checkpoint=str(path), seed=8))
+    save_ilp(model, path)
+    reloaded, _ = build(make_config(seed=8))
+    assert not torch.equal(reloaded.ilp.weight, model.ilp.weight)
+    ST2SITrainer(make_config(ilp_checkpoint=str(path), seed=8), reloaded)  # a run starts from the file
     assert torch.equal(reloaded.ilp.weight, model.ilp.weight)
 
     save_checked({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
     with pytest.raises(UserInputError, match="scores other items"):
-        build(make_config(ilp_checkpoint=str(path)))
+        load_ilp(reloaded, path)
 
 
 def test_lora_trains_adapters_and_ilp_only(make_config):

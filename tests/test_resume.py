@@ -12,7 +12,8 @@ from recbole.model.sequential_recommender import SASRec
 
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
-from recbole_st2si.trainer import SafeCheckpointMixin, resume_state_file
+from recbole_st2si.run_files import RunFiles
+from recbole_st2si.trainer import SafeCheckpointMixin
 
 from .conftest import DATA_DIR
 from .test_cli import ROOT, parse_test_results
@@ -82,7 +83,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_wei
         count_or_interrupt(patch, MODELS[model], interrupt_after=2 * batches_per_epoch + batches_per_epoch // 2)
         with pytest.raises(Interrupted):
             run_recbole_st2si(model, "tiny", config_dict=entries, checkpoint_file=checkpoint)
-    assert resume_state_file(checkpoint).is_file()
+    assert RunFiles.of(checkpoint).resume.is_file()
 
     final.clear()
     resumed = run_recbole_st2si(model, "tiny", config_dict=entries, checkpoint_file=checkpoint, resume=True)
@@ -93,7 +94,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_wei
     for name, tensor in expected_weights.items():
         assert torch.equal(final[name], tensor), name
     assert resumed["test_result"] == uninterrupted["test_result"]
-    assert not resume_state_file(checkpoint).exists(), "a finished run keeps only its best checkpoint"
+    assert not RunFiles.of(checkpoint).resume.exists(), "a finished run keeps only its best checkpoint"
 
 
 def run_cli(*args, cwd):
@@ -109,19 +110,19 @@ def test_the_command_line_resumes_a_killed_run(tmp_path):
                f"--checkpoint_file={checkpoint}"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not resume_state_file(checkpoint).is_file() and process.poll() is None and time.monotonic() < deadline:
+    while not RunFiles.of(checkpoint).resume.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert resume_state_file(checkpoint).is_file(), "the killed run saved its training state"
+    assert RunFiles.of(checkpoint).resume.is_file(), "the killed run saved its training state"
 
     refused = run_cli(f"--checkpoint_file={checkpoint}", "--epochs=1000", cwd=tmp_path)
     assert refused.returncode == 2 and "exists: pass --resume" in refused.stderr
 
-    epoch = torch.load(resume_state_file(checkpoint), weights_only=True)["epoch"]
+    epoch = torch.load(RunFiles.of(checkpoint).resume, weights_only=True)["epoch"]
     resumed = run_cli(f"--checkpoint_file={checkpoint}", "--resume", f"--epochs={epoch + 3}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resume training from epoch {epoch + 1}, from its latest training state" in resumed.stdout + resumed.stderr
     assert set(parse_test_results(resumed.stdout)) == {"recall@10", "ndcg@10", "mrr@10", "hit@10"}
-    assert not resume_state_file(checkpoint).exists()
+    assert not RunFiles.of(checkpoint).resume.exists()
 

@@ -13,6 +13,7 @@ from recbole_st2si import benchmark, feature_cache, safe_io
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import load_or_compute
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.run_files import load_ilp
 from recbole_st2si.safe_io import DamagedFileError, DiskFullError, load_checked, save_checked, write_text
 
 from .test_ilp_tuning import build, ilp_config, ilp_settings
@@ -164,7 +165,7 @@ def test_an_ilp_file_holding_a_pickled_object_is_refused_in_one_line(make_config
     path = tmp_path / "ilp.pth"
     torch.save({"weight": torch.ones(2), "items": uuid.uuid4()}, path)
     with pytest.raises(UserInputError, match=r"ilp_checkpoint .*ilp.pth: cannot read it \(it holds objects other than"):
-        build(make_config(ilp_checkpoint=str(path)))
+        load_ilp(build(make_config())[0], path)
 
 
 def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_path):

@@ -308,5 +308,8 @@ def test_a_resumed_run_continues_the_learning_rate_schedule(settings, tmp_path):
 
 
 def test_resuming_without_a_checkpoint_is_a_clear_error(settings, tmp_path):
-    with pytest.raises(UserInputError, match="needs the checkpoint of an interrupted run"):
-        run_recbole_st2si("ST2SI", "tiny", config_dict=settings(), checkpoint_file=tmp_path / "none.pth", resume=True)
+    with pytest.raises(UserInputError, match="needs the checkpoint of an interrupted run: --checkpoint_file"):
+        run_recbole_st2si("ST2SI", "tiny", config_dict=settings(), resume=True)
+    missing = tmp_path / "none.pth"
+    with pytest.raises(UserInputError, match=f"--resume: {missing} does not exist, nor its training state beside it"):
+        run_recbole_st2si("ST2SI", "tiny", config_dict=settings(), checkpoint_file=missing, resume=True)

@@ -26,9 +26,11 @@ from recbole_st2si.backbone import (
     padding_token_id,
 )
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.safe_io import DamagedFileError, load_checked, save_checked
 
 TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
+QUERY_STATES = "query_states"
+"""Interaction field of a batch whose ``[Q]`` states were computed ahead (the frozen backbone's
+feature cache): each row's state, in place of the history the backbone would read."""
 PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
 
 
@@ -213,8 +215,6 @@ class ST2SI(SequentialRecommender):
             load_backbone_weights(self.backbone, config["pretrained_backbone"], config["llm_path"])
         self.ilp = nn.Linear(hidden_size(self.backbone), self.n_items, bias=False)
         self.item_tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
-        if config["ilp_checkpoint"]:
-            self.load_ilp(config["ilp_checkpoint"])
 
         prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
         segment_tokens, segment_len = self._segment_table(dataset.item_token_ids, dataset.item_token_len, prompt)
@@ -244,25 +244,6 @@ class ST2SI(SequentialRecommender):
         lengths = torch.cat([item_len + 1, torch.tensor([len(prompt)])])
         lengths[0] = 0
         return table, lengths
-
-    def save_ilp(self, path):
-        """Save the ILP with the item ids it scores: one small file per dataset, so one backbone
-        serves many domains and switching a domain means loading another ILP."""
-        save_checked({"weight": self.ilp.weight.detach().cpu(), "items": self.item_tokens}, path)
-
-    def load_ilp(self, path):
-        try:
-            saved = load_checked(path)
-        except FileNotFoundError:
-            raise UserInputError(f"ilp_checkpoint {path}: no such file") from None
-        except DamagedFileError as error:
-            raise UserInputError(f"ilp_checkpoint {path}: cannot read it ({error.reason})") from None
-        if saved["items"] != self.item_tokens or saved["weight"].shape != self.ilp.weight.shape:
-            raise UserInputError(
-                f"ilp_checkpoint {path} scores other items or another backbone width than this dataset and backbone"
-            )
-        with torch.no_grad():
-            self.ilp.weight.copy_(saved["weight"])
 
     def train(self, mode=True):
         super().train(mode)
@@ -428,8 +409,16 @@ class ST2SI(SequentialRecommender):
         states, _ = self.query_states(item_seq, item_seq_len)
         return self.gather_indexes(states, item_seq_len - 1)
 
+    def held_out_states(self, interaction):
+        """The ``[Q]`` state after each row's history: computed ahead (:data:`QUERY_STATES`), or by the backbone."""
+        if QUERY_STATES in interaction:
+            return interaction[QUERY_STATES]
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
     def calculate_loss(self, interaction):
         target = interaction[self.POS_ITEM_ID]
+        if QUERY_STATES in interaction:  # one state per transition, computed ahead
+            return self.ilp_loss(interaction[QUERY_STATES], target)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         states, is_query = self.query_states(item_seq, item_seq_len)
         targets = self.query_targets(item_seq, item_seq_len, target)
@@ -438,11 +427,13 @@ class ST2SI(SequentialRecommender):
         return self.ilp_loss(states[is_query], targets[is_query])
 
     def full_sort_predict(self, interaction):
-        return self.item_logits(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
+        return self.item_logits(self.held_out_states(interaction))
 
     def predict(self, interaction):
         """Scores of sampled candidates (e.g. ``uni19``). RecBole repeats a user's history once per
         candidate row; each distinct history goes through the backbone once."""
+        if QUERY_STATES in interaction:
+            return self.candidate_scores(interaction[QUERY_STATES], interaction[self.ITEM_ID])
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         histories, row_history = torch.unique(torch.cat([item_seq, item_seq_len[:, None]], 1), dim=0, return_inverse=True)
         states = self.forward(histories[:, :-1], histories[:, -1])
