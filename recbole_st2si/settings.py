@@ -3,8 +3,8 @@
 RecBole accepts any ``--key=value``, YAML entry or ``config_dict`` key and silently ignores the ones
 no code reads, and it takes any value: ``learning_rate: -1`` trains by gradient ascent. The known
 names are RecBole's own (its ``properties`` files for the model, the datasets and the quick-start
-presets, and its argument lists), the plugin's defaults (``recbole_st2si/properties/``) and the
-distributed settings. Command-line settings reach the config as ``config_dict`` (see
+presets, and its argument lists), the plugin's defaults (``properties/``, ``dataset_configs/``) and
+the distributed settings. Command-line settings reach the config as ``config_dict`` (see
 :mod:`recbole_st2si.command_line`), so both are reported as one source.
 """
 

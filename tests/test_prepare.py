@@ -110,7 +110,7 @@ def _recbole_dataset(data_path, name, **config):
     from recbole.data import create_dataset
 
     config = Config(
-        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "recbole_st2si", "properties", "dataset", "Scientific.yaml")],
+        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "dataset_configs", "Scientific.yaml")],
         config_dict={"data_path": str(data_path), "use_gpu": False, "show_progress": False,
                      "train_neg_sample_args": None, **config},
     )
@@ -334,7 +334,7 @@ def test_module_entry_point_reports_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_configs(name):
-    path = os.path.join(ROOT, "recbole_st2si", "properties", "dataset", f"{name}.yaml")
+    path = os.path.join(ROOT, "dataset_configs", f"{name}.yaml")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     config = yaml.safe_load(text)

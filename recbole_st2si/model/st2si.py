@@ -43,7 +43,7 @@ def resolve_auto_settings(config):
 
     ``train_stage: auto`` becomes :func:`auto_train_stage` of the run's device; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
     the backbone trains; when it is frozen it is ``frozen_ilp_learning_rate`` (the authors' 3e-4 by
-    default, tuned per dataset in ``properties/dataset/``), or the authors' lower rate after pre-training.
+    default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after pre-training.
     """
     if config["train_stage"] == "auto":
         config["train_stage"] = auto_train_stage(config["device"].type)
