@@ -1,4 +1,5 @@
-"""Every setting checked before any work: unknown names, and values outside their range.
+"""Every setting checked before any work: unknown names, values outside their range or choices,
+and settings RecBole reads that the model does not use.
 
 RecBole accepts any ``--key=value``, YAML entry or ``config_dict`` key and silently ignores the ones
 no code reads, and it takes any value: ``learning_rate: -1`` trains by gradient ascent. The known
@@ -54,9 +55,32 @@ RANGES = {
     "mask_ratio": (0, True, 1, False),
     "ft_ratio": (0, True, 1, False),
     "topk": (1, True, None, True),
+    "ilp_chunk_size": (0, True, None, True),
 }
 PROBABILITY_MARKERS = ("dropout", "_prob")  # hidden_dropout_prob, dropout_prob, lora_dropout, ...
-MAY_BE_UNSET = {"ilp_learning_rate"}  # ~ = derived from other settings
+MAY_BE_UNSET = {"ilp_learning_rate", "ilp_chunk_size"}  # ~ = derived from other settings, or no limit
+
+# name: the words it takes, checked wherever the setting is present (the plugin's model defaults
+# bring these names): the code that reads them relies on this check.
+CHOICES = {
+    "train_stage": ("auto", "full", "ilp", "lora", "pretrain"),
+    "train_window": ("all", "random", "full"),
+    "mixed_precision": ("bf16", "fp16", "no"),
+    "feature_cache_dtype": ("auto", "bf16", "fp32"),
+    "feature_cache_storage": ("bf16", "fp32"),
+}
+
+# Settings RecBole reads that a model (or a subclass of it) does not, refused where the user gives
+# them: model: {name: (the values that agree with the model, or () for none, what the model does)}.
+NOT_USED = {
+    "ST2SI": {
+        "learner": ((), "it trains with AdamW"),
+        "enable_amp": ((), "it uses mixed_precision"),
+        "enable_scaler": ((), "it uses mixed_precision"),
+        "loss_type": (("CE",), "it trains with cross-entropy over all items"),
+        "train_neg_sample_args": ((None,), "it trains with cross-entropy over all items, without negatives"),
+    },
+}
 
 
 def _yaml_keys(path):
@@ -128,9 +152,29 @@ def _value_problem(name, value, lowest, inclusive, highest, integer):
     return None
 
 
-def value_problems(config, model_class):
+def user_settings(config):
+    """The settings the user gave, by name: files first, then the command line or ``config_dict``."""
+    return {**config.file_config_dict, **config.variable_config_dict}
+
+
+def not_used_problems(config, model_class):
+    """One line per setting the user gave that the model (by its class or a base class) ignores."""
+    problems, given = [], user_settings(config)
+    for model in (klass.__name__ for klass in model_class.__mro__):
+        for name, (agreeing, instead) in NOT_USED.get(model, {}).items():
+            if name not in given or (agreeing and given[name] in agreeing):
+                continue
+            if agreeing:
+                allowed = " or ".join(str(value) for value in agreeing)
+                problems.append(f"{name} must be {allowed} for {config['model']} ({instead}), got {given[name]!r}")
+            else:
+                problems.append(f"{name} is not used by {config['model']} ({instead}): remove it")
+    return problems
+
+
+def value_problems(config):
     """One line per numeric setting outside its range (learning rates > 0, epochs >= 1, ...), per
-    boolean that is not one, and per word outside the model's ``setting_choices()``."""
+    boolean that is not one, and per word outside its :data:`CHOICES`."""
     problems = []
     for name in sorted(config.final_config_dict):
         value = config[name]
@@ -148,15 +192,15 @@ def value_problems(config, model_class):
     for name in sorted(boolean_settings() & set(config.final_config_dict)):
         if not isinstance(config[name], bool):
             problems.append(f"{name} must be True or False, got {config[name]!r}")
-    if hasattr(model_class, "setting_choices"):
-        for name, choices in model_class.setting_choices().items():
-            if config[name] not in choices:
-                problems.append(f"{name} must be one of {', '.join(choices)}, got {config[name]!r}")
+    for name in sorted(CHOICES.keys() & set(config.final_config_dict)):
+        if config[name] not in CHOICES[name]:
+            problems.append(f"{name} must be one of {', '.join(CHOICES[name])}, got {config[name]!r}")
     return problems
 
 
 def check_settings(config, model_class):
-    """Raise one :class:`UserInputError` listing, one line each, every unknown or out-of-range setting."""
-    problems = unknown_setting_problems(config) + value_problems(config, model_class)
+    """Raise one :class:`UserInputError` listing, one line each, every unknown or out-of-range
+    setting, and every setting the user gave that the model does not use."""
+    problems = unknown_setting_problems(config) + value_problems(config) + not_used_problems(config, model_class)
     if problems:
         raise UserInputError("\n".join(problems))

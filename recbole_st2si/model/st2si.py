@@ -180,26 +180,9 @@ class ST2SI(SequentialRecommender):
     train_stages = TRAIN_STAGES  # a benchmark runs one row per stage
     resolve_settings = staticmethod(resolve_auto_settings)  # settings that depend on the machine
 
-    @staticmethod
-    def setting_choices():
-        """The settings that take one of a few words, checked before any work."""
-        from recbole_st2si.data.windows import TRAIN_WINDOWS
-        from recbole_st2si.feature_cache import CACHE_DTYPES
-        from recbole_st2si.trainer import AUTOCAST_DTYPES
-
-        return {
-            "train_stage": ("auto", *TRAIN_STAGES),
-            "train_window": TRAIN_WINDOWS,
-            "mixed_precision": tuple(AUTOCAST_DTYPES),
-            "feature_cache_dtype": ("auto", *CACHE_DTYPES),
-            "feature_cache_storage": tuple(CACHE_DTYPES),
-        }
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]
-        if self.train_stage not in TRAIN_STAGES:
-            raise UserInputError(f"train_stage must be one of {TRAIN_STAGES}, got {self.train_stage!r}")
         self.multi_query = config["multi_query"]
         self.max_seq_tokens = config["max_seq_tokens"]
         self.ilp_chunk_size = config["ilp_chunk_size"] or None
