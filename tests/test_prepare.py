@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from recbole_st2si.data import amazon, prepare
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.utils import create_dataset
 
 from .conftest import DATA_DIR, write_domains
@@ -283,6 +284,58 @@ def test_merge_keeps_domains_distinct(tmp_path, capsys):
     assert _item_texts(dataset, ("title",)) == {
         "Food:A1": ("Apple",), "Food:A2": ("NA",), "Cell:A1": ("Phone",), "Cell:A2": ("NA",),
     }
+
+
+def _bad_domains(tmp_path):
+    """Domains Alpha and Beta, a second Alpha elsewhere, one with a wrong header, one not in UTF-8."""
+    write_domains(tmp_path, "Alpha", "Beta", "Header", "Latin")
+    (tmp_path / "elsewhere").mkdir()
+    write_domains(tmp_path / "elsewhere", "Alpha")
+    (tmp_path / "Header" / "Header.inter").write_text("user_id:token\titem_id:token\nu1\t1\n")
+    header, before = "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\n", "1\tcaf"
+    (tmp_path / "Latin" / "Latin.item").write_bytes(f"{header}{before}\xe9\t\t\n".encode("latin-1"))
+    return [
+        (["Alpha", "Gamma"], f"input file not found: {tmp_path / 'Gamma' / 'Gamma.inter'}"),
+        (["Alpha", "elsewhere/Alpha"], "two inputs are named Alpha: domain names must differ"),
+        (["Alpha", "Header"], f"{tmp_path / 'Header' / 'Header.inter'}: header is not user_id:token item_id:token "
+                              "timestamp:float (prepare it with this tool first)"),
+        (["Latin", "Beta"], f"{tmp_path / 'Latin' / 'Latin.item'}: not UTF-8 text (invalid continuation byte at "
+                            f"byte {len(header + before)})"),
+    ]
+
+
+def test_merge_domains_is_a_library_call(tmp_path):
+    write_domains(tmp_path, "Alpha", "Beta")
+    paths = prepare.merge_domains([tmp_path / "Alpha", tmp_path / "Beta"], tmp_path / "Both")
+    assert paths == [str(tmp_path / "Both" / "Both.inter"), str(tmp_path / "Both" / "Both.item")]
+    tiny = _read_tsv(DATA_DIR / "tiny" / "tiny.inter")[1:]
+    assert _read_tsv(paths[0])[1:] == [[f"{domain}:{user}", f"{domain}:{item}", time]
+                                       for domain in ("Alpha", "Beta") for user, item, time in tiny]
+
+
+def test_merge_domains_refuses_a_bad_domain_in_one_line_and_writes_nothing(tmp_path, capsys):
+    for names, message in _bad_domains(tmp_path):
+        folders = [tmp_path / name for name in names]
+        with pytest.raises(UserInputError) as caught:
+            prepare.merge_domains(folders, tmp_path / "Merged")
+        assert str(caught.value) == message and not (tmp_path / "Merged").exists()
+        status, err = _exit_code(["merge", "--inputs", *map(str, folders), "--out", str(tmp_path / "Merged")], capsys)
+        assert status == 2 and err == f"{prepare.PROG} merge: error: {message}\n"
+        assert not (tmp_path / "Merged").exists()
+
+
+def test_a_bad_domain_of_a_multi_domain_dataset_is_a_user_error(make_config, tmp_path):
+    """``--dataset=A,B`` merges through the same call: a one-line error, no exit from inside the library."""
+    for names, message in _bad_domains(tmp_path):
+        if "/" in names[1] or names[1] == "Gamma":  # a path is no dataset name; a missing one is named first
+            continue
+        with pytest.raises(UserInputError) as caught:
+            make_config(dataset=",".join(names), data_path=str(tmp_path))
+        assert str(caught.value) == message
+    with pytest.raises(UserInputError, match="^two inputs are named Alpha: domain names must differ$"):
+        make_config(dataset="Alpha,Alpha", data_path=str(tmp_path))
+    with pytest.raises(UserInputError, match="^dataset 'Gamma' not found: no "):
+        make_config(dataset="Alpha,Gamma", data_path=str(tmp_path))
 
 
 def _exit_code(argv, capsys):
