@@ -8,8 +8,8 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
-import yaml
 
 from recbole_st2si.data import amazon, prepare
 from recbole_st2si.errors import UserInputError
@@ -18,7 +18,7 @@ from recbole_st2si.utils import create_dataset
 from .conftest import DATA_DIR, write_domains
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASETS = ["Scientific", "Instruments", "Arts", "Office", "Games", "Pet", "Food", "Cell"]
+DATASETS = ["Scientific", "Instruments", "Arts", "Office", "Games", "Pet", "Food", "Cell", "FoodCell"]
 
 # Items as the consumer must rebuild them (title, brand, categories) after cleaning.
 EXPECTED_ITEMS = {
@@ -385,28 +385,45 @@ def test_module_entry_point_reports_without_traceback(tmp_path):
     assert "input file not found" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", DATASETS)
-def test_dataset_configs(name):
-    path = os.path.join(ROOT, "dataset_configs", f"{name}.yaml")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    config = yaml.safe_load(text)
-    assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]}
-    assert config["text_fields"] == ["title"] and config["selected_features"] == ["brand", "categories"]
-    assert config["item_attribute"] == "categories"
-    assert not {"data_path", "eval_args", "metrics", "topk"} & set(config)
-    assert f"--out dataset/{name} --name {name}" in text
+def test_every_dataset_config_is_checked_below():
+    configs = sorted(name[: -len(".yaml")] for name in os.listdir(os.path.join(ROOT, "dataset_configs")))
+    assert configs == sorted([*DATASETS, "ml-100k"])
 
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_config_applies_to_a_dataset_of_its_name(name, make_config, tmp_path):
-    """The package's dataset config is applied by the dataset's name alone: its columns are loaded
-    and its text field, the title, becomes each item's text."""
+    """The package's dataset config is applied by the dataset's name alone, after the models' own
+    defaults: its columns are loaded, its text field, the title, becomes each item's text, FDSA and
+    S3Rec get the Amazon features instead of their MovieLens ``class``; the shared protocol stays."""
     write_domains(tmp_path, name)
-    dataset = create_dataset(make_config(dataset=name, data_path=str(tmp_path)))
+    config = make_config(dataset=name, data_path=str(tmp_path))
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]}
+    assert config["text_fields"] == ["title"]
+    assert make_config(model="FDSA", dataset=name, data_path=str(tmp_path))["selected_features"] == ["brand", "categories"]
+    assert make_config(model="S3Rec", dataset=name, data_path=str(tmp_path))["item_attribute"] == "categories"
+    assert config["metrics"] == ["Recall", "NDCG", "MRR", "Hit"] and config["topk"] == [10]
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"} and config["eval_args"]["order"] == "TO"
+    dataset = create_dataset(config)
     assert set(dataset.item_feat.columns) == {"item_id", "title", "brand", "categories"}
     lines = (DATA_DIR / "tiny" / "tiny.item").read_text().splitlines()[1:]
     titles = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+    texts = dataset.item_texts()
+    assert {token: texts[dataset.field2token_id["item_id"][token]] for token in titles} == {
+        token: [title] for token, title in titles.items()
+    }
+
+
+def test_ml_100k_config_applies_to_recboles_bundled_ml_100k(make_config):
+    """MovieLens columns: the movie title is the text, the genres FDSA's feature and S3Rec's attribute,
+    and the tuned rate of the frozen-backbone ILP."""
+    config = make_config(dataset="ml-100k", train_stage="ilp")  # RecBole reads its own copy, whatever data_path says
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                                  "item": ["item_id", "movie_title", "release_year", "class"]}
+    assert config["text_fields"] == ["movie_title"] and config["ilp_learning_rate"] == pytest.approx(1e-3)
+    assert config["selected_features"] == ["class"] and config["item_attribute"] == "class"  # not ST2SI defaults
+    dataset = create_dataset(config)
+    items = pd.read_csv(os.path.join(config["data_path"], "ml-100k.item"), sep="\t", dtype=str, keep_default_na=False)
+    titles = dict(zip(items["item_id:token"], items["movie_title:token_seq"]))
     texts = dataset.item_texts()
     assert {token: texts[dataset.field2token_id["item_id"][token]] for token in titles} == {
         token: [title] for token, title in titles.items()
