@@ -60,14 +60,16 @@ RANGES = {
 PROBABILITY_MARKERS = ("dropout", "_prob")  # hidden_dropout_prob, dropout_prob, lora_dropout, ...
 MAY_BE_UNSET = {"ilp_learning_rate", "ilp_chunk_size"}  # ~ = derived from other settings, or no limit
 
-# name: the words it takes, checked wherever the setting is present (the plugin's model defaults
-# bring these names): the code that reads them relies on this check.
+# The words a model's settings take, for the model and its subclasses (RecBole's S3Rec has a
+# train_stage of its own): model: {name: words}. The code that reads them relies on this check.
 CHOICES = {
-    "train_stage": ("auto", "full", "ilp", "lora", "pretrain"),
-    "train_window": ("all", "random", "full"),
-    "mixed_precision": ("bf16", "fp16", "no"),
-    "feature_cache_dtype": ("auto", "bf16", "fp32"),
-    "feature_cache_storage": ("bf16", "fp32"),
+    "ST2SI": {
+        "train_stage": ("auto", "full", "ilp", "lora", "pretrain"),
+        "train_window": ("all", "random", "full"),
+        "mixed_precision": ("bf16", "fp16", "no"),
+        "feature_cache_dtype": ("auto", "bf16", "fp32"),
+        "feature_cache_storage": ("bf16", "fp32"),
+    },
 }
 
 # Settings RecBole reads that a model (or a subclass of it) does not, refused where the user gives
@@ -157,24 +159,32 @@ def user_settings(config):
     return {**config.file_config_dict, **config.variable_config_dict}
 
 
+def model_rules(table, model_class):
+    """The entries of ``table`` (:data:`CHOICES`, :data:`NOT_USED`) for the model's class and its
+    base classes, a subclass's entry first."""
+    rules = {}
+    for klass in reversed(model_class.__mro__):
+        rules.update(table.get(klass.__name__, {}))
+    return rules
+
+
 def not_used_problems(config, model_class):
     """One line per setting the user gave that the model (by its class or a base class) ignores."""
     problems, given = [], user_settings(config)
-    for model in (klass.__name__ for klass in model_class.__mro__):
-        for name, (agreeing, instead) in NOT_USED.get(model, {}).items():
-            if name not in given or (agreeing and given[name] in agreeing):
-                continue
-            if agreeing:
-                allowed = " or ".join(str(value) for value in agreeing)
-                problems.append(f"{name} must be {allowed} for {config['model']} ({instead}), got {given[name]!r}")
-            else:
-                problems.append(f"{name} is not used by {config['model']} ({instead}): remove it")
+    for name, (agreeing, instead) in model_rules(NOT_USED, model_class).items():
+        if name not in given or (agreeing and given[name] in agreeing):
+            continue
+        if agreeing:
+            allowed = " or ".join(str(value) for value in agreeing)
+            problems.append(f"{name} must be {allowed} for {config['model']} ({instead}), got {given[name]!r}")
+        else:
+            problems.append(f"{name} is not used by {config['model']} ({instead}): remove it")
     return problems
 
 
-def value_problems(config):
+def value_problems(config, model_class):
     """One line per numeric setting outside its range (learning rates > 0, epochs >= 1, ...), per
-    boolean that is not one, and per word outside its :data:`CHOICES`."""
+    boolean that is not one, and per word outside the model's :data:`CHOICES`."""
     problems = []
     for name in sorted(config.final_config_dict):
         value = config[name]
@@ -192,15 +202,15 @@ def value_problems(config):
     for name in sorted(boolean_settings() & set(config.final_config_dict)):
         if not isinstance(config[name], bool):
             problems.append(f"{name} must be True or False, got {config[name]!r}")
-    for name in sorted(CHOICES.keys() & set(config.final_config_dict)):
-        if config[name] not in CHOICES[name]:
-            problems.append(f"{name} must be one of {', '.join(CHOICES[name])}, got {config[name]!r}")
+    for name, choices in sorted(model_rules(CHOICES, model_class).items()):
+        if config[name] not in choices:
+            problems.append(f"{name} must be one of {', '.join(choices)}, got {config[name]!r}")
     return problems
 
 
 def check_settings(config, model_class):
     """Raise one :class:`UserInputError` listing, one line each, every unknown or out-of-range
     setting, and every setting the user gave that the model does not use."""
-    problems = unknown_setting_problems(config) + value_problems(config) + not_used_problems(config, model_class)
+    problems = unknown_setting_problems(config) + value_problems(config, model_class) + not_used_problems(config, model_class)
     if problems:
         raise UserInputError("\n".join(problems))

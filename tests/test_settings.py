@@ -10,7 +10,7 @@ from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import CACHE_DTYPES, cache_dtype
 from recbole_st2si.model import ST2SI
-from recbole_st2si.settings import CHOICES
+from recbole_st2si.settings import CHOICES, model_rules
 from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_config
 
@@ -103,12 +103,13 @@ def test_a_word_outside_a_settings_choices_is_refused_with_the_choices(make_conf
 
 def test_every_choice_is_one_the_code_reads():
     """The words check_settings lets through are the ones the code maps (it no longer checks them)."""
-    assert set(CHOICES["train_stage"]) == {"auto", *ST2SI.train_stages}
+    choices = model_rules(CHOICES, ST2SI)
+    assert set(choices["train_stage"]) == {"auto", *ST2SI.train_stages}
     on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-    assert {word: ST2SITrainer._autocast_dtype(on_gpu, word) for word in CHOICES["mixed_precision"]} == expected
-    assert {word: CACHE_DTYPES[word] for word in CHOICES["feature_cache_storage"]} == {"bf16": torch.bfloat16, "fp32": torch.float32}
-    frozen_pass = {word: cache_dtype(word, torch.device("cpu")) for word in CHOICES["feature_cache_dtype"]}
+    assert {word: ST2SITrainer._autocast_dtype(on_gpu, word) for word in choices["mixed_precision"]} == expected
+    assert {word: CACHE_DTYPES[word] for word in choices["feature_cache_storage"]} == {"bf16": torch.bfloat16, "fp32": torch.float32}
+    frozen_pass = {word: cache_dtype(word, torch.device("cpu")) for word in choices["feature_cache_dtype"]}
     assert frozen_pass["bf16"] == torch.bfloat16 and frozen_pass["fp32"] == torch.float32
     assert frozen_pass["auto"] in (torch.bfloat16, torch.float32)
 
@@ -145,6 +146,12 @@ def test_recboles_defaults_and_agreeing_values_are_not_refused(make_config, sett
     assert make_config(loss_type="CE", train_neg_sample_args=None, ilp_chunk_size=None)["loss_type"] == "CE"
     sasrec = create_config("SASRec", "tiny", config_dict=settings(learner="sgd", enable_amp=False, loss_type="CE"))
     assert sasrec["learner"] == "sgd"
+
+
+def test_st2sis_words_are_not_applied_to_another_models_setting_of_the_same_name():
+    """RecBole's S3Rec has a train_stage of its own: pretrain, then finetune."""
+    config = create_config("S3Rec", "tiny", config_dict={"data_path": str(DATA_DIR), "train_stage": "finetune"})
+    assert config["train_stage"] == "finetune"
 
 
 def test_a_command_line_none_agrees_with_st2si(settings):

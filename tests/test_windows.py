@@ -119,8 +119,8 @@ def test_each_train_window_the_settings_allow_has_windows_of_its_own():
     mode here. n = 4 training items of 6, at most 2 items per window; ``random`` draws 100 times."""
     sequences = hand_made_sequences([[5, 6, 7, 8, 9, 10]], [4])
     expected = {"all": {(0, 1), (1, 3)}, "full": {(1, 3)}, "random": {(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)}}
-    assert sorted(CHOICES["train_window"]) == sorted(expected)
-    for mode in CHOICES["train_window"]:
+    assert sorted(CHOICES["ST2SI"]["train_window"]) == sorted(expected)
+    for mode in expected:
         windows = TrainingWindows(mode, sequences, torch.ones(11, dtype=torch.long), 2, 1024)
         index = torch.zeros(100, dtype=torch.long) if mode == "random" else torch.arange(len(windows))
         _, starts, targets = windows.windows(index, torch.Generator().manual_seed(0))
