@@ -6,7 +6,7 @@
     python run_recbole_st2si.py --model=ST2SI --dataset=ml-100k --nproc=2     # DDP: 2 GPUs (gloo on CPU)
     python run_recbole_st2si.py --model=ST2SI --dataset=ml-100k --checkpoint_file=saved/run.pth --resume
 
-Any other ``--key=value`` overrides a RecBole/ST2SI setting (see recbole_st2si/properties/).
+Any other ``--key=value`` overrides a RecBole/ST2SI setting (see properties/ and dataset_configs/).
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""The plugin's :class:`Config`: its defaults ship inside the package, and settings come only from
-files and ``config_dict``, never from ``sys.argv`` behind the caller's back (see
-:mod:`recbole_st2si.command_line`)."""
+"""The plugin's :class:`Config`: its defaults (``properties/``, ``dataset_configs/``) ship with the
+package, and settings come only from files and ``config_dict``, never from ``sys.argv`` behind the
+caller's back (see :mod:`recbole_st2si.command_line`)."""
 
 from pathlib import Path
 
@@ -11,10 +11,23 @@ from recbole.config import Config
 
 from recbole_st2si.command_line import split_list
 
-PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def defaults_folder(name):
+    """The folder of YAML defaults ``name`` (``properties`` or ``dataset_configs``).
+
+    The checkout keeps them at its top level; a built wheel carries them inside the package as
+    ``recbole_st2si/<name>`` (setup.cfg maps the folders to sub-packages), so an installed copy reads
+    its own, and a source tree or an editable install reads the checkout's."""
+    installed = PACKAGE_DIR / name
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / name
+
+
+PROPERTIES_DIR = defaults_folder("properties")
 OVERALL_DEFAULTS = PROPERTIES_DIR / "overall.yaml"
 MODEL_DEFAULTS_DIR = PROPERTIES_DIR / "model"
-DATASET_DEFAULTS_DIR = PROPERTIES_DIR / "dataset"
+DATASET_DEFAULTS_DIR = defaults_folder("dataset_configs")
 
 
 def plugin_defaults_files(model_name, dataset_name, plugin_model):

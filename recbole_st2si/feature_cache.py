@@ -161,8 +161,6 @@ def cache_dtype(setting, device):
     if setting == "auto":
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
         return torch.bfloat16 if native else torch.float32
-    if setting not in CACHE_DTYPES:
-        raise UserInputError(f"feature_cache_dtype must be auto or one of {list(CACHE_DTYPES)}, got {setting!r}")
     return CACHE_DTYPES[setting]
 
 

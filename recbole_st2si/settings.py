@@ -1,10 +1,11 @@
-"""Every setting checked before any work: unknown names, and values outside their range.
+"""Every setting checked before any work: unknown names, values outside their range or choices,
+and settings RecBole reads that the model does not use.
 
 RecBole accepts any ``--key=value``, YAML entry or ``config_dict`` key and silently ignores the ones
 no code reads, and it takes any value: ``learning_rate: -1`` trains by gradient ascent. The known
 names are RecBole's own (its ``properties`` files for the model, the datasets and the quick-start
-presets, and its argument lists), the plugin's defaults (``recbole_st2si/properties/``) and the
-distributed settings. Command-line settings reach the config as ``config_dict`` (see
+presets, and its argument lists), the plugin's defaults (``properties/``, ``dataset_configs/``) and
+the distributed settings. Command-line settings reach the config as ``config_dict`` (see
 :mod:`recbole_st2si.command_line`), so both are reported as one source.
 """
 
@@ -54,9 +55,34 @@ RANGES = {
     "mask_ratio": (0, True, 1, False),
     "ft_ratio": (0, True, 1, False),
     "topk": (1, True, None, True),
+    "ilp_chunk_size": (0, True, None, True),
 }
 PROBABILITY_MARKERS = ("dropout", "_prob")  # hidden_dropout_prob, dropout_prob, lora_dropout, ...
-MAY_BE_UNSET = {"ilp_learning_rate"}  # ~ = derived from other settings
+MAY_BE_UNSET = {"ilp_learning_rate", "ilp_chunk_size"}  # ~ = derived from other settings, or no limit
+
+# The words a model's settings take, for the model and its subclasses (RecBole's S3Rec has a
+# train_stage of its own): model: {name: words}. The code that reads them relies on this check.
+CHOICES = {
+    "ST2SI": {
+        "train_stage": ("auto", "full", "ilp", "lora", "pretrain"),
+        "train_window": ("all", "random", "full"),
+        "mixed_precision": ("bf16", "fp16", "no"),
+        "feature_cache_dtype": ("auto", "bf16", "fp32"),
+        "feature_cache_storage": ("bf16", "fp32"),
+    },
+}
+
+# Settings RecBole reads that a model (or a subclass of it) does not, refused where the user gives
+# them: model: {name: (the values that agree with the model, or () for none, what the model does)}.
+NOT_USED = {
+    "ST2SI": {
+        "learner": ((), "it trains with AdamW"),
+        "enable_amp": ((), "it uses mixed_precision"),
+        "enable_scaler": ((), "it uses mixed_precision"),
+        "loss_type": (("CE",), "it trains with cross-entropy over all items"),
+        "train_neg_sample_args": ((None,), "it trains with cross-entropy over all items, without negatives"),
+    },
+}
 
 
 def _yaml_keys(path):
@@ -128,9 +154,37 @@ def _value_problem(name, value, lowest, inclusive, highest, integer):
     return None
 
 
+def user_settings(config):
+    """The settings the user gave, by name: files first, then the command line or ``config_dict``."""
+    return {**config.file_config_dict, **config.variable_config_dict}
+
+
+def model_rules(table, model_class):
+    """The entries of ``table`` (:data:`CHOICES`, :data:`NOT_USED`) for the model's class and its
+    base classes, a subclass's entry first."""
+    rules = {}
+    for klass in reversed(model_class.__mro__):
+        rules.update(table.get(klass.__name__, {}))
+    return rules
+
+
+def not_used_problems(config, model_class):
+    """One line per setting the user gave that the model (by its class or a base class) ignores."""
+    problems, given = [], user_settings(config)
+    for name, (agreeing, instead) in model_rules(NOT_USED, model_class).items():
+        if name not in given or (agreeing and given[name] in agreeing):
+            continue
+        if agreeing:
+            allowed = " or ".join(str(value) for value in agreeing)
+            problems.append(f"{name} must be {allowed} for {config['model']} ({instead}), got {given[name]!r}")
+        else:
+            problems.append(f"{name} is not used by {config['model']} ({instead}): remove it")
+    return problems
+
+
 def value_problems(config, model_class):
     """One line per numeric setting outside its range (learning rates > 0, epochs >= 1, ...), per
-    boolean that is not one, and per word outside the model's ``setting_choices()``."""
+    boolean that is not one, and per word outside the model's :data:`CHOICES`."""
     problems = []
     for name in sorted(config.final_config_dict):
         value = config[name]
@@ -148,15 +202,15 @@ def value_problems(config, model_class):
     for name in sorted(boolean_settings() & set(config.final_config_dict)):
         if not isinstance(config[name], bool):
             problems.append(f"{name} must be True or False, got {config[name]!r}")
-    if hasattr(model_class, "setting_choices"):
-        for name, choices in model_class.setting_choices().items():
-            if config[name] not in choices:
-                problems.append(f"{name} must be one of {', '.join(choices)}, got {config[name]!r}")
+    for name, choices in sorted(model_rules(CHOICES, model_class).items()):
+        if config[name] not in choices:
+            problems.append(f"{name} must be one of {', '.join(choices)}, got {config[name]!r}")
     return problems
 
 
 def check_settings(config, model_class):
-    """Raise one :class:`UserInputError` listing, one line each, every unknown or out-of-range setting."""
-    problems = unknown_setting_problems(config) + value_problems(config, model_class)
+    """Raise one :class:`UserInputError` listing, one line each, every unknown or out-of-range
+    setting, and every setting the user gave that the model does not use."""
+    problems = unknown_setting_problems(config) + value_problems(config, model_class) + not_used_problems(config, model_class)
     if problems:
         raise UserInputError("\n".join(problems))

@@ -274,8 +274,6 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
             load_ilp(model, config["ilp_checkpoint"])
 
     def _autocast_dtype(self, mixed_precision):
-        if mixed_precision not in AUTOCAST_DTYPES:
-            raise UserInputError(f"mixed_precision must be one of {list(AUTOCAST_DTYPES)}, got {mixed_precision!r}")
         return AUTOCAST_DTYPES[mixed_precision] if self.device.type == "cuda" else None
 
     def _build_optimizer(self, **kwargs):

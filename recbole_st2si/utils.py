@@ -10,7 +10,7 @@ from recbole.data import data_preparation as recbole_data_preparation
 from recbole.utils import get_model as recbole_get_model
 
 from recbole_st2si.config import PluginConfig
-from recbole_st2si.data.prepare import main as prepare_main
+from recbole_st2si.data import prepare
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.settings import check_settings
 
@@ -61,7 +61,9 @@ def create_config(model_name, dataset_name, config_file_list=None, config_dict=N
 
 
 def merge_domains(domains, data_path):
-    """Merge prepared domain folders under ``data_path`` into one dataset (once); returns its name."""
+    """Merge prepared domain folders under ``data_path`` into one dataset (once); returns its name.
+
+    A missing or malformed domain, or a domain named twice, is a :class:`UserInputError`."""
     domains = [domain.strip() for domain in domains if domain.strip()]
     name = "+".join(domains)
     folder = Path(data_path) / name
@@ -69,8 +71,7 @@ def merge_domains(domains, data_path):
         for domain in domains:
             if not (Path(data_path) / domain / f"{domain}.inter").is_file():
                 raise UserInputError(missing_dataset_message(domain, Path(data_path) / domain / f"{domain}.inter"))
-        inputs = [str(Path(data_path) / domain) for domain in domains]
-        prepare_main(["merge", "--inputs", *inputs, "--out", str(folder), "--name", name])
+        prepare.merge_domains([Path(data_path) / domain for domain in domains], folder, name)
     return name
 
 

@@ -65,6 +65,7 @@ def test_cli_trains_and_tests_on_the_tiny_dataset(model, extra, expected, tmp_pa
         (["--dataset=tiny", "--resume=True", "--checkpoint_file=none.pth"], "--resume: none.pth does not exist"),
         (["--dataset=tiny", "--resume=True"], "resume needs the checkpoint of an interrupted run: --checkpoint_file"),
         (["--dataset=Food,Cell", "--train_stage=pretrain"], "dataset 'Food' not found"),
+        (["--dataset=tiny", "--learner=sgd"], "error: learner is not used by ST2SI (it trains with AdamW): remove it\n"),
     ],
 )
 def test_cli_reports_user_errors_in_one_line(args, message, tmp_path):

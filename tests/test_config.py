@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -64,26 +65,75 @@ def test_a_second_text_model_is_found_by_its_name(settings, monkeypatch, tmp_pat
     assert isinstance(sasrec["trainer"], Trainer) and not isinstance(sasrec["trainer"], ST2SITrainer)
 
 
-def test_a_non_editable_install_keeps_the_defaults(tmp_path):
-    """``pip install .`` (a built wheel, not a link to this folder) into a scratch folder, then the
+def _copy_of_the_checkout(destination):
+    """The checkout's files as git lists them (tracked, and new ones not ignored): what ``pip install .``
+    of a clone reads. Building writes its ``build/`` and ``*.egg-info`` next to them, so never here."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                                cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs a git checkout")
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file() and not source.is_symlink():  # a deleted file is still listed; .venv may be a link
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel built from a copy of the checkout, as ``pip install .`` builds one."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    _copy_of_the_checkout(source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-cache-dir", "-w", str(out), str(source)], check=True, capture_output=True, timeout=300)
+    (built,) = out.glob("*.whl")
+    return built
+
+
+def test_the_wheel_carries_every_module_and_the_yaml_defaults(wheel):
+    """``properties/`` and ``dataset_configs/`` at the checkout's top become ``recbole_st2si/properties``
+    and ``recbole_st2si/dataset_configs`` in the wheel, byte for byte; no other YAML file ships."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        yaml_files = {}
+        for folder in ("properties", "dataset_configs"):
+            for path in (ROOT / folder).rglob("*.yaml"):
+                yaml_files[f"recbole_st2si/{path.relative_to(ROOT).as_posix()}"] = path.read_bytes()
+        assert {"recbole_st2si/properties/overall.yaml", "recbole_st2si/properties/model/ST2SI.yaml",
+                "recbole_st2si/dataset_configs/ml-100k.yaml"} <= set(yaml_files)
+        assert {name for name in names if name.endswith(".yaml")} == set(yaml_files)
+        assert all(archive.read(name) == content for name, content in yaml_files.items())
+    modules = {f"recbole_st2si/{path.relative_to(ROOT / 'recbole_st2si').as_posix()}"
+               for path in (ROOT / "recbole_st2si").rglob("*.py")}
+    assert modules <= names
+
+
+def test_a_non_editable_install_keeps_the_defaults(wheel, tmp_path):
+    """``pip install`` of the wheel (not a link to this folder) into a scratch folder, then the
     command line run from elsewhere: the defaults travel with the package."""
     target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
-    )
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
     script = tmp_path / "run_recbole_st2si.py"
     shutil.copy(ROOT / "run_recbole_st2si.py", script)
     work = tmp_path / "work"
     work.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run(
+        [sys.executable, "-c", "from recbole_st2si import config, utils\n"
+         "print(config.__file__, config.OVERALL_DEFAULTS, config.MODEL_DEFAULTS_DIR / 'ST2SI.yaml', config.DATASET_DEFAULTS_DIR)\n"
+         f"print(utils.create_config('ST2SI', 'ml-100k', config_dict={{'llm_path': 'tiny-random'}})['text_fields'])"],
+        cwd=work, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert where.returncode == 0, where.stderr[-3000:]
+    package = target / "recbole_st2si"
+    paths, text_fields = where.stdout.strip().splitlines()[-2:]
+    assert paths.split() == [str(package / "config.py"), str(package / "properties" / "overall.yaml"),
+                             str(package / "properties" / "model" / "ST2SI.yaml"), str(package / "dataset_configs")]
+    assert text_fields == "['movie_title']"  # dataset_configs/ml-100k.yaml
     command = [sys.executable, str(script), "--dataset=tiny", f"--data_path={DATA_DIR}", "--llm_path=tiny-random",
                "--epochs=1", f"--checkpoint_dir={work}", "--show_progress=False", "--MAX_ITEM_LIST_LENGTH=10"]
-    environment = {**os.environ, "PYTHONPATH": str(target)}
-    where = subprocess.run([sys.executable, "-c", "import recbole_st2si; print(recbole_st2si.__file__)"],
-                           cwd=work, env=environment, capture_output=True, text=True, timeout=60)
-    assert where.stdout.strip() == str(target / "recbole_st2si" / "__init__.py")  # the installed copy
     result = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test result: {'recall@10'" in result.stdout  # overall.yaml's metrics

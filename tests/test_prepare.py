@@ -8,16 +8,17 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
-import yaml
 
 from recbole_st2si.data import amazon, prepare
+from recbole_st2si.errors import UserInputError
 from recbole_st2si.utils import create_dataset
 
 from .conftest import DATA_DIR, write_domains
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASETS = ["Scientific", "Instruments", "Arts", "Office", "Games", "Pet", "Food", "Cell"]
+DATASETS = ["Scientific", "Instruments", "Arts", "Office", "Games", "Pet", "Food", "Cell", "FoodCell"]
 
 # Items as the consumer must rebuild them (title, brand, categories) after cleaning.
 EXPECTED_ITEMS = {
@@ -110,7 +111,7 @@ def _recbole_dataset(data_path, name, **config):
     from recbole.data import create_dataset
 
     config = Config(
-        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "recbole_st2si", "properties", "dataset", "Scientific.yaml")],
+        model="SASRec", dataset=name, config_file_list=[os.path.join(ROOT, "dataset_configs", "Scientific.yaml")],
         config_dict={"data_path": str(data_path), "use_gpu": False, "show_progress": False,
                      "train_neg_sample_args": None, **config},
     )
@@ -285,6 +286,58 @@ def test_merge_keeps_domains_distinct(tmp_path, capsys):
     }
 
 
+def _bad_domains(tmp_path):
+    """Domains Alpha and Beta, a second Alpha elsewhere, one with a wrong header, one not in UTF-8."""
+    write_domains(tmp_path, "Alpha", "Beta", "Header", "Latin")
+    (tmp_path / "elsewhere").mkdir()
+    write_domains(tmp_path / "elsewhere", "Alpha")
+    (tmp_path / "Header" / "Header.inter").write_text("user_id:token\titem_id:token\nu1\t1\n")
+    header, before = "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\n", "1\tcaf"
+    (tmp_path / "Latin" / "Latin.item").write_bytes(f"{header}{before}\xe9\t\t\n".encode("latin-1"))
+    return [
+        (["Alpha", "Gamma"], f"input file not found: {tmp_path / 'Gamma' / 'Gamma.inter'}"),
+        (["Alpha", "elsewhere/Alpha"], "two inputs are named Alpha: domain names must differ"),
+        (["Alpha", "Header"], f"{tmp_path / 'Header' / 'Header.inter'}: header is not user_id:token item_id:token "
+                              "timestamp:float (prepare it with this tool first)"),
+        (["Latin", "Beta"], f"{tmp_path / 'Latin' / 'Latin.item'}: not UTF-8 text (invalid continuation byte at "
+                            f"byte {len(header + before)})"),
+    ]
+
+
+def test_merge_domains_is_a_library_call(tmp_path):
+    write_domains(tmp_path, "Alpha", "Beta")
+    paths = prepare.merge_domains([tmp_path / "Alpha", tmp_path / "Beta"], tmp_path / "Both")
+    assert paths == [str(tmp_path / "Both" / "Both.inter"), str(tmp_path / "Both" / "Both.item")]
+    tiny = _read_tsv(DATA_DIR / "tiny" / "tiny.inter")[1:]
+    assert _read_tsv(paths[0])[1:] == [[f"{domain}:{user}", f"{domain}:{item}", time]
+                                       for domain in ("Alpha", "Beta") for user, item, time in tiny]
+
+
+def test_merge_domains_refuses_a_bad_domain_in_one_line_and_writes_nothing(tmp_path, capsys):
+    for names, message in _bad_domains(tmp_path):
+        folders = [tmp_path / name for name in names]
+        with pytest.raises(UserInputError) as caught:
+            prepare.merge_domains(folders, tmp_path / "Merged")
+        assert str(caught.value) == message and not (tmp_path / "Merged").exists()
+        status, err = _exit_code(["merge", "--inputs", *map(str, folders), "--out", str(tmp_path / "Merged")], capsys)
+        assert status == 2 and err == f"{prepare.PROG} merge: error: {message}\n"
+        assert not (tmp_path / "Merged").exists()
+
+
+def test_a_bad_domain_of_a_multi_domain_dataset_is_a_user_error(make_config, tmp_path):
+    """``--dataset=A,B`` merges through the same call: a one-line error, no exit from inside the library."""
+    for names, message in _bad_domains(tmp_path):
+        if "/" in names[1] or names[1] == "Gamma":  # a path is no dataset name; a missing one is named first
+            continue
+        with pytest.raises(UserInputError) as caught:
+            make_config(dataset=",".join(names), data_path=str(tmp_path))
+        assert str(caught.value) == message
+    with pytest.raises(UserInputError, match="^two inputs are named Alpha: domain names must differ$"):
+        make_config(dataset="Alpha,Alpha", data_path=str(tmp_path))
+    with pytest.raises(UserInputError, match="^dataset 'Gamma' not found: no "):
+        make_config(dataset="Alpha,Gamma", data_path=str(tmp_path))
+
+
 def _exit_code(argv, capsys):
     """Run main expecting a clean failure; returns (status, stderr)."""
     with pytest.raises(SystemExit) as exc:
@@ -332,28 +385,45 @@ def test_module_entry_point_reports_without_traceback(tmp_path):
     assert "input file not found" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", DATASETS)
-def test_dataset_configs(name):
-    path = os.path.join(ROOT, "recbole_st2si", "properties", "dataset", f"{name}.yaml")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    config = yaml.safe_load(text)
-    assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]}
-    assert config["text_fields"] == ["title"] and config["selected_features"] == ["brand", "categories"]
-    assert config["item_attribute"] == "categories"
-    assert not {"data_path", "eval_args", "metrics", "topk"} & set(config)
-    assert f"--out dataset/{name} --name {name}" in text
+def test_every_dataset_config_is_checked_below():
+    configs = sorted(name[: -len(".yaml")] for name in os.listdir(os.path.join(ROOT, "dataset_configs")))
+    assert configs == sorted([*DATASETS, "ml-100k"])
 
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_config_applies_to_a_dataset_of_its_name(name, make_config, tmp_path):
-    """The package's dataset config is applied by the dataset's name alone: its columns are loaded
-    and its text field, the title, becomes each item's text."""
+    """The package's dataset config is applied by the dataset's name alone, after the models' own
+    defaults: its columns are loaded, its text field, the title, becomes each item's text, FDSA and
+    S3Rec get the Amazon features instead of their MovieLens ``class``; the shared protocol stays."""
     write_domains(tmp_path, name)
-    dataset = create_dataset(make_config(dataset=name, data_path=str(tmp_path)))
+    config = make_config(dataset=name, data_path=str(tmp_path))
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]}
+    assert config["text_fields"] == ["title"]
+    assert make_config(model="FDSA", dataset=name, data_path=str(tmp_path))["selected_features"] == ["brand", "categories"]
+    assert make_config(model="S3Rec", dataset=name, data_path=str(tmp_path))["item_attribute"] == "categories"
+    assert config["metrics"] == ["Recall", "NDCG", "MRR", "Hit"] and config["topk"] == [10]
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"} and config["eval_args"]["order"] == "TO"
+    dataset = create_dataset(config)
     assert set(dataset.item_feat.columns) == {"item_id", "title", "brand", "categories"}
     lines = (DATA_DIR / "tiny" / "tiny.item").read_text().splitlines()[1:]
     titles = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+    texts = dataset.item_texts()
+    assert {token: texts[dataset.field2token_id["item_id"][token]] for token in titles} == {
+        token: [title] for token, title in titles.items()
+    }
+
+
+def test_ml_100k_config_applies_to_recboles_bundled_ml_100k(make_config):
+    """MovieLens columns: the movie title is the text, the genres FDSA's feature and S3Rec's attribute,
+    and the tuned rate of the frozen-backbone ILP."""
+    config = make_config(dataset="ml-100k", train_stage="ilp")  # RecBole reads its own copy, whatever data_path says
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                                  "item": ["item_id", "movie_title", "release_year", "class"]}
+    assert config["text_fields"] == ["movie_title"] and config["ilp_learning_rate"] == pytest.approx(1e-3)
+    assert config["selected_features"] == ["class"] and config["item_attribute"] == "class"  # not ST2SI defaults
+    dataset = create_dataset(config)
+    items = pd.read_csv(os.path.join(config["data_path"], "ml-100k.item"), sep="\t", dtype=str, keep_default_na=False)
+    titles = dict(zip(items["item_id:token"], items["movie_title:token_seq"]))
     texts = dataset.item_texts()
     assert {token: texts[dataset.field2token_id["item_id"][token]] for token in titles} == {
         token: [title] for token, title in titles.items()

@@ -1,9 +1,17 @@
-"""Settings are checked before any work: unknown names with close matches, and ranges."""
+"""Settings are checked before any work: unknown names with close matches, ranges, the words a
+setting takes, and RecBole settings that ST2SI does not use."""
+
+import types
 
 import pytest
+import torch
 
 from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.feature_cache import CACHE_DTYPES, cache_dtype
+from recbole_st2si.model import ST2SI
+from recbole_st2si.settings import CHOICES, model_rules
+from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_config
 
 from .conftest import DATA_DIR
@@ -31,6 +39,9 @@ BASELINES = ["SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec"]
         ({"learnig_rate": 1e-3}, "unknown setting learnig_rate (from the command line or config_dict); did you mean learning_rate"),
         ({"resume": True}, "unknown setting resume (from the command line or config_dict)"),
         ({"topk": [0]}, "topk must be a positive integer"),
+        ({"ilp_chunk_size": -1}, "ilp_chunk_size must be an integer >= 0, got -1"),
+        ({"ilp_chunk_size": 1.5}, "ilp_chunk_size must be an integer >= 0, got 1.5"),
+        ({"feature_batch_size": 0}, "feature_batch_size must be an integer >= 1, got 0"),
     ],
 )
 def test_each_bad_setting_is_one_clear_line(make_config, entries, message):
@@ -72,3 +83,77 @@ def test_recboles_baselines_accept_their_own_settings(model):
 def test_model_settings_of_another_model_are_unknown(settings):
     with pytest.raises(UserInputError, match="unknown setting n_layers"):
         create_config("ST2SI", "tiny", config_dict=settings(n_layers=2))
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("train_window", "sometimes", "train_window must be one of all, random, full, got 'sometimes'"),
+        ("train_stage", "frozen", "train_stage must be one of auto, full, ilp, lora, pretrain, got 'frozen'"),
+        ("mixed_precision", "fp8", "mixed_precision must be one of bf16, fp16, no, got 'fp8'"),
+        ("feature_cache_dtype", "fp16", "feature_cache_dtype must be one of auto, bf16, fp32, got 'fp16'"),
+        ("feature_cache_storage", "fp16", "feature_cache_storage must be one of bf16, fp32, got 'fp16'"),
+    ],
+)
+def test_a_word_outside_a_settings_choices_is_refused_with_the_choices(make_config, name, value, message):
+    with pytest.raises(UserInputError) as caught:
+        make_config(**{name: value})
+    assert str(caught.value) == message
+
+
+def test_every_choice_is_one_the_code_reads():
+    """The words check_settings lets through are the ones the code maps (it no longer checks them)."""
+    choices = model_rules(CHOICES, ST2SI)
+    assert set(choices["train_stage"]) == {"auto", *ST2SI.train_stages}
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+    assert {word: ST2SITrainer._autocast_dtype(on_gpu, word) for word in choices["mixed_precision"]} == expected
+    assert {word: CACHE_DTYPES[word] for word in choices["feature_cache_storage"]} == {"bf16": torch.bfloat16, "fp32": torch.float32}
+    frozen_pass = {word: cache_dtype(word, torch.device("cpu")) for word in choices["feature_cache_dtype"]}
+    assert frozen_pass["bf16"] == torch.bfloat16 and frozen_pass["fp32"] == torch.float32
+    assert frozen_pass["auto"] in (torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("learner", "sgd", "learner is not used by ST2SI (it trains with AdamW): remove it"),
+        ("learner", "adamw", "learner is not used by ST2SI (it trains with AdamW): remove it"),
+        ("enable_amp", True, "enable_amp is not used by ST2SI (it uses mixed_precision): remove it"),
+        ("enable_scaler", False, "enable_scaler is not used by ST2SI (it uses mixed_precision): remove it"),
+        ("loss_type", "BPR", "loss_type must be CE for ST2SI (it trains with cross-entropy over all items), got 'BPR'"),
+        ("train_neg_sample_args", {"distribution": "uniform", "sample_num": 1},
+         "train_neg_sample_args must be None for ST2SI (it trains with cross-entropy over all items, without "
+         "negatives), got {'distribution': 'uniform', 'sample_num': 1, 'alpha': 1.0, 'dynamic': False, "
+         "'candidate_num': 0}"),  # as RecBole completes it
+    ],
+)
+def test_a_recbole_setting_st2si_does_not_use_is_refused(settings, tmp_path, name, value, message):
+    """Refused in one line whether given in ``config_dict`` (the command line) or in a config file."""
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text(f"{name}: {value!r}\n" if isinstance(value, str) else f"{name}: {value}\n")
+    for files, entries in (([], settings(**{name: value})), ([str(config_file)], settings())):
+        with pytest.raises(UserInputError) as caught:
+            create_config("ST2SI", "tiny", files, entries)
+        assert str(caught.value) == message
+
+
+def test_recboles_defaults_and_agreeing_values_are_not_refused(make_config, settings):
+    """RecBole's own defaults (learner adam, enable_amp off, ...) are no user's choice; loss_type CE
+    and no negative sampling agree with ST2SI; the other models keep these settings."""
+    config = make_config()
+    assert config["learner"] == "adam" and config["enable_amp"] is False and config["enable_scaler"] is False
+    assert make_config(loss_type="CE", train_neg_sample_args=None, ilp_chunk_size=None)["loss_type"] == "CE"
+    sasrec = create_config("SASRec", "tiny", config_dict=settings(learner="sgd", enable_amp=False, loss_type="CE"))
+    assert sasrec["learner"] == "sgd"
+
+
+def test_st2sis_words_are_not_applied_to_another_models_setting_of_the_same_name():
+    """RecBole's S3Rec has a train_stage of its own: pretrain, then finetune."""
+    config = create_config("S3Rec", "tiny", config_dict={"data_path": str(DATA_DIR), "train_stage": "finetune"})
+    assert config["train_stage"] == "finetune"
+
+
+def test_a_command_line_none_agrees_with_st2si(settings):
+    entries = {**settings(), **parse_overrides(["--train_neg_sample_args=None", "--loss_type=CE"])}
+    assert create_config("ST2SI", "tiny", config_dict=entries)["loss_type"] == "CE"

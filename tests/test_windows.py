@@ -10,7 +10,7 @@ import torch
 from recbole.utils import init_seed
 
 from recbole_st2si.data.windows import TrainingWindows, UserSequences, tile_windows
-from recbole_st2si.errors import UserInputError
+from recbole_st2si.settings import CHOICES
 from recbole_st2si.utils import create_dataset, data_preparation
 
 from .conftest import DATA_DIR
@@ -114,9 +114,17 @@ def test_random_windows_follow_the_authors_distribution(max_items):
         assert abs(counts[window] / draws - float(probability)) < 0.01
 
 
-def test_unknown_train_window_is_a_clear_error(make_config):
-    with pytest.raises(UserInputError, match="train_window must be one of"):
-        loaders(make_config(train_window="everything"))
+def test_each_train_window_the_settings_allow_has_windows_of_its_own():
+    """check_settings alone checks the word (tests/test_settings.py): each word it lets through is a
+    mode here. n = 4 training items of 6, at most 2 items per window; ``random`` draws 100 times."""
+    sequences = hand_made_sequences([[5, 6, 7, 8, 9, 10]], [4])
+    expected = {"all": {(0, 1), (1, 3)}, "full": {(1, 3)}, "random": {(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)}}
+    assert sorted(CHOICES["ST2SI"]["train_window"]) == sorted(expected)
+    for mode in expected:
+        windows = TrainingWindows(mode, sequences, torch.ones(11, dtype=torch.long), 2, 1024)
+        index = torch.zeros(100, dtype=torch.long) if mode == "random" else torch.arange(len(windows))
+        _, starts, targets = windows.windows(index, torch.Generator().manual_seed(0))
+        assert set(zip(starts.tolist(), targets.tolist())) == expected[mode], mode
 
 
 @pytest.mark.parametrize("train_window, share", [("all", lambda n: n - 1), ("full", lambda n: min(n - 1, 4))])

@@ -8,12 +8,15 @@
 Every model (ST2SI and RecBole's SASRec, GRU4Rec, BERT4Rec, FDSA, S3Rec) then reads the same files with
 ``--dataset=NAME --data_path=dataset``. Text fields are cleaned so that RecBole's reader gives them back
 exactly (see ``guard``); bad input lines are skipped and counted, and a run that fails writes nothing.
+Merging is also a library call, :func:`merge_domains` (``--dataset=Food,Cell`` uses it).
 """
 
 import argparse
 import os
 import sys
 from collections import Counter
+
+from recbole_st2si.errors import UserInputError
 
 from . import amazon, recformer, unisrec
 
@@ -22,7 +25,7 @@ ITEM_HEADER = ("item_id:token", "title:token_seq", "brand:token_seq", "categorie
 PROG = "python -m recbole_st2si.data.prepare"
 
 
-class PrepareError(Exception):
+class PrepareError(UserInputError):
     """A problem that stops the conversion before anything is written (reported with exit status 2)."""
 
 
@@ -120,8 +123,11 @@ def read_atomic(folder):
     for suffix, header in (("inter", INTER_HEADER), ("item", ITEM_HEADER)):
         path = os.path.join(folder, f"{name}.{suffix}")
         _require_files(path)
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except UnicodeDecodeError as err:
+            raise PrepareError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         if tuple(lines[0].split("\t")) != header:
             raise PrepareError(f"{path}: header is not {' '.join(header)} (prepare it with this tool first)")
         rows = [line.split("\t") for line in lines[1:] if line]
@@ -131,18 +137,49 @@ def read_atomic(folder):
     return name, tables[0], tables[1]
 
 
-def run_merge(args, counts):
+def merged_rows(folders, counts):
     """Several prepared domains in one dataset; ids become ``<domain>:<id>`` so domains never share a user or item."""
-    inters, items, domains = [], {}, set()
-    for folder in args.inputs:
-        domain, rows, item_rows = read_atomic(folder)
-        if domain in domains:
+    names = Counter(os.path.basename(os.path.normpath(folder)) for folder in folders)
+    for domain, count in names.items():
+        if count > 1:
             raise PrepareError(f"two inputs are named {domain}: domain names must differ")
-        domains.add(domain)
+    inters, items = [], {}
+    for folder in folders:
+        domain, rows, item_rows = read_atomic(folder)
         inters += [(f"{domain}:{user}", f"{domain}:{item}", time) for user, item, time in rows]
         items.update((f"{domain}:{item}", tuple(fields)) for item, *fields in item_rows)
         counts[f"merge: interactions from {domain}"] += len(rows)
     return inters, items
+
+
+def run_merge(args, counts):
+    """The merge subcommand: :func:`merged_rows` of ``--inputs``."""
+    return merged_rows(args.inputs, counts)
+
+
+def write_dataset(out_dir, name, inters, items):
+    """:func:`write_atomic` of converted rows, refused when no interaction is left."""
+    if not inters:
+        raise PrepareError("no interactions left after reading and filtering; nothing written")
+    return write_atomic(out_dir, name, inters, items)
+
+
+def dataset_name(out_dir, name=None):
+    """The dataset's file stem: ``name``, else the output folder's name."""
+    return name or os.path.basename(os.path.normpath(out_dir))
+
+
+def merge_domains(folders, out_dir, name=None):
+    """Merge prepared domain folders (each folder's name is its domain) into ``<out_dir>/<name>.inter``
+    and ``.item``, ids prefixed with their domain; returns the two paths.
+
+    A missing or malformed domain, or two domains of one name, is a :class:`PrepareError` (a
+    :class:`~recbole_st2si.errors.UserInputError`) of one line, and nothing is written."""
+    try:
+        inters, items = merged_rows(folders, Counter())
+        return write_dataset(out_dir, dataset_name(out_dir, name), inters, items)
+    except OSError as err:
+        raise PrepareError(f"cannot merge {', '.join(map(str, folders))} into {out_dir}: {err}") from None
 
 
 def _fraction(text):
@@ -207,13 +244,11 @@ def main(argv=None):
     """Run one conversion; any input problem ends with one error line and exit status 2, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = args.name or os.path.basename(os.path.normpath(args.out))
+    name = dataset_name(args.out, args.name)
     counts = Counter()
     try:
         inters, items = args.run(args, counts)
-        if not inters:
-            raise PrepareError("no interactions left after reading and filtering; nothing written")
-        paths = write_atomic(args.out, name, inters, items)
+        paths = write_dataset(args.out, name, inters, items)
     except (PrepareError, OSError, UnicodeDecodeError) as err:
         report(counts)
         parser.exit(2, f"{PROG} {args.command}: error: {err}\n")

@@ -25,8 +25,6 @@ from recbole.utils import set_color
 
 from recbole_st2si.errors import UserInputError
 
-TRAIN_WINDOWS = ("all", "random", "full")
-
 
 @dataclass
 class UserSequences:
@@ -157,8 +155,6 @@ class TrainingWindows:
     """
 
     def __init__(self, mode, sequences: UserSequences, segment_len, max_items, max_tokens):
-        if mode not in TRAIN_WINDOWS:
-            raise UserInputError(f"train_window must be one of {list(TRAIN_WINDOWS)}, got {mode!r}")
         self.mode, self.sequences, self.max_items = mode, sequences, max_items
         if mode == "all":
             users, starts, ends = tile_windows(sequences, segment_len, max_items, max_tokens)

@@ -45,7 +45,7 @@ def resolve_auto_settings(config):
 
     ``train_stage: auto`` becomes :func:`auto_train_stage` of the run's device; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
     the backbone trains; when it is frozen it is ``frozen_ilp_learning_rate`` (the authors' 3e-4 by
-    default, tuned per dataset in ``properties/dataset/``), or the authors' lower rate after pre-training.
+    default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after pre-training.
     """
     if config["train_stage"] == "auto":
         config["train_stage"] = auto_train_stage(config["device"].type)
@@ -182,26 +182,9 @@ class ST2SI(SequentialRecommender):
     train_stages = TRAIN_STAGES  # a benchmark runs one row per stage
     resolve_settings = staticmethod(resolve_auto_settings)  # settings that depend on the machine
 
-    @staticmethod
-    def setting_choices():
-        """The settings that take one of a few words, checked before any work."""
-        from recbole_st2si.data.windows import TRAIN_WINDOWS
-        from recbole_st2si.feature_cache import CACHE_DTYPES
-        from recbole_st2si.trainer import AUTOCAST_DTYPES
-
-        return {
-            "train_stage": ("auto", *TRAIN_STAGES),
-            "train_window": TRAIN_WINDOWS,
-            "mixed_precision": tuple(AUTOCAST_DTYPES),
-            "feature_cache_dtype": ("auto", *CACHE_DTYPES),
-            "feature_cache_storage": tuple(CACHE_DTYPES),
-        }
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]
-        if self.train_stage not in TRAIN_STAGES:
-            raise UserInputError(f"train_stage must be one of {TRAIN_STAGES}, got {self.train_stage!r}")
         self.multi_query = config["multi_query"]
         self.max_seq_tokens = config["max_seq_tokens"]
         self.ilp_chunk_size = config["ilp_chunk_size"] or None
