@@ -22,7 +22,6 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from recbole_st2si.backbone import load_tokenizer, save_backbone
-from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import QueryFeatureCache
 from recbole_st2si.run_files import (
     RunFiles,

@@ -123,7 +123,7 @@ def test_a_non_editable_install_keeps_the_defaults(wheel, tmp_path):
     where = subprocess.run(
         [sys.executable, "-c", "from recbole_st2si import config, utils\n"
          "print(config.__file__, config.OVERALL_DEFAULTS, config.MODEL_DEFAULTS_DIR / 'ST2SI.yaml', config.DATASET_DEFAULTS_DIR)\n"
-         f"print(utils.create_config('ST2SI', 'ml-100k', config_dict={{'llm_path': 'tiny-random'}})['text_fields'])"],
+         "print(utils.create_config('ST2SI', 'ml-100k', config_dict={'llm_path': 'tiny-random'})['text_fields'])"],
         cwd=work, env=environment, capture_output=True, text=True, timeout=300,
     )
     assert where.returncode == 0, where.stderr[-3000:]
