@@ -9,8 +9,7 @@ random bfloat16 ``[Q]`` state of width ``--hidden`` (576, as the embedded SmolLM
 transition. Then it drops the file's pages from the page cache (``posix_fadvise``, this file only),
 loads it with the cache's reader (``feature_cache.read_cache``: the SHA-256 verified in chunks, the
 file memory-mapped) and trains the ILP (``--items`` items) for one epoch through the cached training
-loader (``CachedQueryTrainDataLoader``, ``train_window: all``) and ``cached_loss``, ST2SI's own
-``ilp_loss``.
+loader (``CachedQueryTrainDataLoader``, ``train_window: all``) and ST2SI's own ``calculate_loss``.
 
 Prints the file's size per million transitions, the time of each phase and, against the file's
 size, the process's anonymous memory (RssAnon: heap, what cannot be evicted) at its highest after
@@ -32,7 +31,6 @@ from recbole_st2si.feature_cache import (
     CacheFiles,
     CachedQueryTrainDataLoader,
     StatesLayout,
-    cached_loss,
     read_cache,
     store_states,
 )
@@ -74,6 +72,7 @@ class CachedILP(torch.nn.Module):
     POS_ITEM_ID = "item_id"
     ilp_loss = ST2SI.ilp_loss
     item_logits = ST2SI.item_logits
+    calculate_loss = ST2SI.calculate_loss
 
     def __init__(self, hidden, items, chunk_size):
         super().__init__()
@@ -126,7 +125,7 @@ def train_one_epoch(config, features, sequences, items, hidden):
     batches = transitions = highest_anon = 0
     for interaction in loader:
         optimizer.zero_grad()
-        cached_loss(model, interaction).backward()
+        model.calculate_loss(interaction).backward()
         optimizer.step()
         batches += 1
         transitions += len(interaction)
