@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import torch
 
 from recbole_st2si.data.windows import TrainingWindows, UserSequences
+from recbole_st2si.data.cached_dataloader import CachedQueryTrainDataLoader
 from recbole_st2si.feature_cache import (
     CacheFiles,
-    CachedQueryTrainDataLoader,
     StatesLayout,
     read_cache,
     store_states,
@@ -86,7 +86,7 @@ def write_random_states(layout, seed):
 
     def fill(path):
         features = layout.map(path, writable=True)
-        for table in (features.transitions, features.alignment):
+        for table in (features.history, features.alignment):
             for rows in table.split(65536):
                 rows.copy_(torch.randn(rows.shape, generator=generator))
 
@@ -146,7 +146,7 @@ def main():
 
     users = round(args.million_transitions * 1e6 / (args.history_length - 1))
     sequences = synthetic_sequences(users, args.history_length, args.items, args.seed)
-    layout = StatesLayout(int((sequences.lengths - 1).sum()), args.items - 1, args.hidden, "bf16")
+    layout = StatesLayout(int((sequences.lengths - 1).sum()), args.items - 1, args.hidden, "bf16", trained_layers=0)
     start = memory_status()
     with tempfile.TemporaryDirectory(dir=args.folder, prefix="feature_cache_memory-") as folder:
         config = run_config(folder, args.train_batch_size)
@@ -161,8 +161,8 @@ def main():
         end = memory_status()
         del features  # unmapped, so that removing the folder frees the disk space now
 
-    per_million = size / (layout.transitions / 1e6)
-    print(f"\n{layout.transitions:,} transitions of {users:,} users, {args.items - 1:,} alignment rows, "
+    per_million = size / (layout.history / 1e6)
+    print(f"\n{layout.history:,} transitions of {users:,} users, {args.items - 1:,} alignment rows, "
           f"H={args.hidden}, bfloat16")
     print("| measure | value |")
     print("|---|---|")

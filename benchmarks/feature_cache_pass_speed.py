@@ -77,7 +77,8 @@ def main():
 
     def cache_pass(precision):
         return torch.cat([states[torch.arange(states.shape[1]) < lengths[rows, None]]
-                          for rows, states in encoded_batches(model, seq, lengths, args.batch_size, precision, "cache")])
+                          for rows, states in encoded_batches(model.frozen_states, model.device, model.segment_len, seq, lengths,
+                                                                 args.batch_size, precision, "cache")])
 
     for precision in (torch.float32, torch.bfloat16):  # warm-up: first-call allocations and kernel selection
         bare_forward(precision)

@@ -1,31 +1,29 @@
-"""Efficient ILP tuning: run the frozen backbone once, then train the ILP on cached ``[Q]`` states.
+"""Run the frozen part of the backbone once, then train on its cached states.
 
-With a frozen backbone in eval mode the hidden state at every ``[Q]`` is a fixed function of the
-input, so ILP tuning is a softmax regression on features that can be computed once. The cache
-encodes the windows of ``train_window: all`` (:mod:`recbole_st2si.data.windows`): each user's whole
-history, test item included, tiled backwards into windows of at most ``MAX_ITEM_LIST_LENGTH`` items
-and fewer than ``max_seq_tokens`` tokens. One pass over every item of every history gives the state
-that predicts each of the user's items:
+With a frozen backbone in eval mode every hidden state is a fixed function of the input, so what
+the frozen layers compute can be computed once:
 
-* the training features: every transition whose target is a training item,
-* the validation feature: the state before the validation item,
-* the test feature: the state before the test item (the last window is exactly the test input).
+* ``train_stage: ilp`` (nothing of the backbone trains): the last hidden state at every ``[Q]``;
+  ILP tuning is then a softmax regression on these features;
+* ``train_stage: top`` (the last ``top_layers`` layers train): the hidden states entering the first
+  trained layer, for every token; each epoch runs only the trained layers on them.
 
-Every ``train_window`` then reads its transitions from these states: ``all`` exactly the windows the
-uncached loader runs, ``random`` and ``full`` the same transitions as their uncached windows, each
-state seen with the context of its tiled window (for histories that fit one window: the same
-states). RecBole's evaluation loaders (full ranking, or sampled candidates such as ``uni19``) carry
-each user's cached state, from which the ILP scores the candidates. The validation state sees the
-test window up to the validation item, one item fewer than RecBole's validation input when the
-history is longer than the window.
+The cache encodes the windows of ``train_window: all`` (:mod:`recbole_st2si.data.windows`): each
+user's whole history, test item included, tiled backwards into windows of at most
+``MAX_ITEM_LIST_LENGTH`` items and fewer than ``max_seq_tokens`` tokens. One pass over every item of
+every history gives what predicts each of the user's items: the training transitions, the state
+before the validation item and the one before the test item (the last window is exactly the test
+input). The validation state sees the test window up to the validation item, one item fewer than
+RecBole's validation input when the history is longer than the window. The alignment prompts are
+encoded too. :mod:`recbole_st2si.data.cached_dataloader` reads the states back.
 
 The pass runs in bfloat16 where the hardware computes it natively (``feature_cache_dtype: auto``),
 about twice as fast on CPUs with AVX512-BF16 or AMX. The states are stored on disk under a key that
-hashes the backbone's weights, both precisions and every model input (item tokens, histories,
-prompt, limits), so a second run or a tuning trial reuses them and a cache built for another
-backbone, dataset or text setting is never used.
+hashes the frozen weights, both precisions, the split of the backbone and every model input (item
+tokens, histories, prompt, limits), so a second run or a tuning trial reuses them and a cache built
+for another backbone, dataset or text setting is never used.
 
-A cache grows with the data (``H`` values per transition), so it is never held in memory whole:
+A cache grows with the data (``H`` values per transition, or per token), so it is never held in memory whole:
 
 * the states are one raw file of rows, ``<dataset>-<key>.states``, in bfloat16
   (``feature_cache_storage``: half the bytes of float32, with float32's range, so hidden-state
@@ -47,15 +45,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
-from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
-from recbole.data.interaction import Interaction
 from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.model.st2si import QUERY_STATES
 from recbole_st2si.run_files import frozen_weights_digest
 from recbole_st2si.safe_io import (
     DamagedFileError,
@@ -67,54 +61,85 @@ from recbole_st2si.safe_io import (
     save_checked,
 )
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass
-class QueryFeatures:
-    """Cached ``[Q]`` states.
+class CachedStates:
+    """A cache's two tables, in the storage precision (usually views of a memory-mapped file).
 
-    ``transitions`` holds, for every user of :class:`~recbole_st2si.data.windows.UserSequences` in
-    turn, the state that predicts each item ``x_1 .. x_{N-1}`` of the user's history (see
-    ``UserSequences.transition_index``); ``alignment[i - 1]`` is item ``i``'s alignment state.
-    Both are rows of one table in the storage precision, usually a memory-mapped file.
+    ``history``: without trained layers (``ilp``), the ``[Q]`` state of every transition of every user
+    of :class:`~recbole_st2si.data.windows.UserSequences` in turn (see ``transition_index``); with
+    trained layers (``top``), the states of every token of each transition's input item (see
+    :class:`TokenRows`). ``alignment``: likewise for the alignment prompts of items ``1 ..``.
     """
 
-    transitions: torch.Tensor
+    history: torch.Tensor
     alignment: torch.Tensor
+
+
+class TokenRows:
+    """Where the token states of each input lie in a token cache: the input item of transition ``t``
+    (the item whose ``[Q]`` predicts the transition's item) has the rows ``start[t] .. end[t] - 1``
+    of the history table, its ``[Q]`` last; the alignment prompt of item ``i`` has the rows
+    ``alignment_start[i - 1] .. alignment_end[i - 1] - 1`` of the alignment table."""
+
+    def __init__(self, segment_len, sequences: UserSequences, prompt_item_id):
+        transitions = sequences.lengths - 1
+        user_of = torch.repeat_interleave(torch.arange(len(transitions)), transitions)
+        inputs = sequences.items[torch.arange(len(user_of)) + user_of]
+        self.end = segment_len[inputs].cumsum(0)
+        self.start = self.end - segment_len[inputs]
+        prompts = segment_len[prompt_item_id] + segment_len[1:prompt_item_id]
+        self.alignment_end = prompts.cumsum(0)
+        self.alignment_start = self.alignment_end - prompts
+
+    @property
+    def history(self):
+        return int(self.end[-1]) if len(self.end) else 0
+
+    @property
+    def alignment(self):
+        return int(self.alignment_end[-1]) if len(self.alignment_end) else 0
 
 
 @dataclass(frozen=True)
 class StatesLayout:
-    """The shape and storage precision of a cache's states table: transitions rows, then alignment rows."""
+    """The shape and storage precision of a cache: its history rows, then its alignment rows."""
 
-    transitions: int
+    history: int
     alignment: int
     hidden: int
     storage: str
+    trained_layers: int
 
     @classmethod
     def of(cls, model, sequences: UserSequences, storage):
-        return cls(int((sequences.lengths - 1).sum()), model.n_items - 1, model.ilp.in_features, storage)
+        if model.trained_layers:
+            rows = TokenRows(model.segment_len.cpu(), sequences, model.prompt_item_id)
+            history, alignment = rows.history, rows.alignment
+        else:
+            history, alignment = int((sequences.lengths - 1).sum()), model.n_items - 1
+        return cls(history, alignment, model.ilp.in_features, storage, model.trained_layers)
 
     @property
     def values(self):
-        return (self.transitions + self.alignment) * self.hidden
+        return (self.history + self.alignment) * self.hidden
 
     @property
     def num_bytes(self):
         return self.values * CACHE_DTYPES[self.storage].itemsize
 
-    def map(self, path, writable=False) -> QueryFeatures:
+    def map(self, path, writable=False) -> CachedStates:
         """The states of the file ``path``, memory-mapped: its pages are read when used, and the
         kernel can drop them again, so a cache larger than memory still trains. ``writable`` maps
         it shared, so that what is written reaches the file (and the other processes mapping it);
         otherwise it is mapped copy-on-write and the file is only read."""
         states = torch.from_file(str(path), shared=writable, size=self.values, dtype=CACHE_DTYPES[self.storage])
-        states = states.view(self.transitions + self.alignment, self.hidden)
-        return QueryFeatures(transitions=states[: self.transitions], alignment=states[self.transitions :])
+        states = states.view(self.history + self.alignment, self.hidden)
+        return CachedStates(history=states[: self.history], alignment=states[self.history :])
 
 
 class BuildGroup:
@@ -171,51 +196,68 @@ def _cache_key(model, sequences: UserSequences, dtype, storage):
               sequences.valid_position, sequences.test_position]
     for tensor in inputs:
         digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    digest.update(f"{model.max_seq_length}/{model.max_seq_tokens}/{model.n_items}/{dtype}/{storage}".encode())
+    digest.update(f"{model.max_seq_length}/{model.max_seq_tokens}/{model.n_items}/{dtype}/{storage}/"
+                  f"{model.trained_layers}".encode())
     return digest.hexdigest()[:32]
 
 
 @torch.inference_mode()
-def encoded_batches(model, seq, seq_len, batch_size, dtype, desc, rank=0, world=1):
-    """Yield ``(rows, states)``: the ``[Q]`` states ``[B, width, H]`` (float32) of batches of sequences.
+def encoded_batches(encode, device, segment_len, seq, seq_len, batch_size, dtype, desc, rank=0, world=1):
+    """Yield ``(rows, states)``: ``encode(item_seq, item_seq_len)`` (float32, on the CPU) of batches of sequences.
 
     Batches hold sequences of similar token counts, so little compute goes to padding. Of ``world``
     processes, rank ``r`` encodes batches ``r, r + world, ...``: every batch holds the same sequences
     as in one process, so each state is computed exactly as there."""
-    order = torch.argsort(model.segment_len.cpu()[seq].sum(1))
-    device = model.device
+    order = torch.argsort(segment_len[seq].sum(1))
     starts = range(rank * batch_size, len(seq), world * batch_size)
     for start in tqdm(starts, desc=desc, ncols=100, disable=rank != 0):
         rows = order[start : start + batch_size]
         width = int(seq_len[rows].max())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            states, _ = model.query_states(seq[rows, :width].to(device), seq_len[rows].to(device))
+            states = encode(seq[rows, :width].to(device), seq_len[rows].to(device))
         yield rows, states.float().cpu()
 
 
-def write_query_features(model, sequences: UserSequences, features: QueryFeatures, batch_size, dtype, rank=0, world=1):
-    """Run the frozen backbone over the tiled windows of every history and the alignment prompts
-    (rank ``rank`` of ``world`` processes: its share, see :func:`encoded_batches`), and write the
-    states, rounded to their storage precision, into ``features``."""
+def write_states(model, sequences: UserSequences, states: CachedStates, batch_size, dtype, rank=0, world=1):
+    """Run the frozen part of the backbone over the tiled windows of every history and the alignment
+    prompts (rank ``rank`` of ``world`` processes: its share, see :func:`encoded_batches`), and write
+    what the cache holds (:class:`CachedStates`), rounded to its storage precision."""
     model.eval()
-    users, starts, ends = tile_windows(sequences, model.segment_len.cpu(), model.max_seq_length, model.max_seq_tokens)
+    segment_len = model.segment_len.cpu()
+    users, starts, ends = tile_windows(sequences, segment_len, model.max_seq_length, model.max_seq_tokens)
     lengths = ends - starts
     slots = torch.arange(int(lengths.max()) if len(lengths) else 1)
     first_item = sequences.offsets[users] + starts
     seq = sequences.items[(first_item[:, None] + slots).clamp(max=len(sequences.items) - 1)] * (slots < lengths[:, None])
     first_transition = sequences.transition_index(users, starts + 1)
-
-    storage = features.transitions.dtype
-    for rows, states in encoded_batches(model, seq, lengths, batch_size, dtype, "Caching [Q] states", rank, world):
-        is_query = slots[: states.shape[1]] < lengths[rows, None]
-        destination = first_transition[rows, None] + slots[: states.shape[1]]
-        features.transitions[destination[is_query]] = states[is_query].to(storage)
-
     items = torch.arange(1, model.n_items)  # always cached, so runs with and without ID alignment share the file
     prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
-    for rows, states in encoded_batches(model, prompts, torch.full_like(items, 2), batch_size, dtype,
-                                         "Caching alignment [Q]", rank, world):
-        features.alignment[rows] = states[:, 1].to(storage)
+
+    def encode(inputs, input_lengths, desc):
+        return encoded_batches(model.frozen_states, model.device, segment_len, inputs, input_lengths, batch_size,
+                               dtype, desc, rank, world)
+
+    storage = states.history.dtype
+    if model.trained_layers:  # every token of every window and prompt
+        rows = TokenRows(segment_len, sequences, model.prompt_item_id)
+        window_start = rows.start[first_transition]
+        window_tokens = rows.end[first_transition + lengths - 1] - window_start
+        for table, first_row, count, batches in (
+            (states.history, window_start, window_tokens, encode(seq, lengths, "Caching token states")),
+            (states.alignment, rows.alignment_start, rows.alignment_end - rows.alignment_start,
+             encode(prompts, torch.full_like(items, 2), "Caching alignment tokens")),
+        ):
+            for batch, hidden in batches:
+                token = torch.arange(hidden.shape[1])
+                real = token < count[batch, None]
+                table[(first_row[batch, None] + token)[real]] = hidden[real].to(storage)
+        return
+    for batch, query_states in encode(seq, lengths, "Caching [Q] states"):  # one state per transition
+        is_query = slots[: query_states.shape[1]] < lengths[batch, None]
+        destination = first_transition[batch, None] + slots[: query_states.shape[1]]
+        states.history[destination[is_query]] = query_states[is_query].to(storage)
+    for batch, query_states in encode(prompts, torch.full_like(items, 2), "Caching alignment [Q]"):
+        states.alignment[batch] = query_states[:, 1].to(storage)
 
 
 @dataclass(frozen=True)
@@ -233,8 +275,8 @@ class CacheFiles:
         return cls(folder / f"{name}.states", folder / f"{name}.pt", folder / f"{name}.lock")
 
 
-def load_or_compute(config, model, sequences: UserSequences) -> QueryFeatures:
-    """The cached features for this exact backbone and input, computed once under a file lock.
+def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
+    """The cached states for this exact backbone and input, computed once under a file lock.
 
     A damaged or unreadable cache (its checksums tell) is rebuilt with a warning. A folder that
     cannot be written is used as it is when it holds the cache; without one it is an error. The DDP
@@ -249,8 +291,8 @@ def load_or_compute(config, model, sequences: UserSequences) -> QueryFeatures:
     group = BuildGroup.of_run(config)
 
     def encode_share(temporary):
-        features = layout.map(temporary, writable=True)
-        write_query_features(model, sequences, features, config["feature_batch_size"], dtype, group.rank, group.size)
+        write_states(model, sequences, layout.map(temporary, writable=True), config["feature_batch_size"], dtype,
+                     group.rank, group.size)
 
     if group.rank != 0:
         temporary = group.share(None)
@@ -308,7 +350,7 @@ def store_states(files: CacheFiles, layout: StatesLayout, fill, group: BuildGrou
 
 
 def read_cache(files: CacheFiles, layout: StatesLayout):
-    """The features stored in ``files``, memory-mapped after their checksum is verified; ``None`` if
+    """The states stored in ``files``, memory-mapped after their checksum is verified; ``None`` if
     there are none, or (with a warning) if they are damaged or incomplete."""
     try:
         record = load_checked(files.record)
@@ -330,105 +372,3 @@ def read_cache(files: CacheFiles, layout: StatesLayout):
         return None
     getLogger().info(set_color("feature cache", "green") + f": reusing {files.states}")
     return layout.map(files.states)
-
-
-class CachedQueryTrainDataLoader(AbstractDataLoader):
-    """Batches of cached ``[Q]`` states: the same samples (windows and alignment items) per batch as
-    :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader`, with every transition of a window
-    in the batch (without multi-query: its last)."""
-
-    def __init__(self, config, dataset, features: QueryFeatures, windows, shuffle=True):
-        self.features, self.windows = features, windows
-        self.multi_query = config["multi_query"]
-        self.num_window_samples = len(windows)
-        self.sample_size = len(windows) + (dataset.item_num - 1 if config["id_alignment"] else 0)
-        super().__init__(config, dataset, None, shuffle=shuffle)
-        self.window_generator = torch.Generator().manual_seed(config["seed"])
-
-    def _init_batch_size_and_step(self):
-        self.step = self.config["train_batch_size"]
-        self.set_batch_size(self.step)
-
-    def collate_fn(self, index):
-        index = torch.as_tensor(index, dtype=torch.long)
-        is_window = index < self.num_window_samples
-        users, starts, targets = self.windows.windows(index[is_window], self.window_generator)
-        first = starts + 1 if self.multi_query else targets
-        sizes = targets - first + 1
-        sequences = self.windows.sequences
-        first_row = sequences.transition_index(users, first)
-        rows = torch.repeat_interleave(first_row - sizes.cumsum(0) + sizes, sizes) + torch.arange(int(sizes.sum()))
-        row_users = torch.repeat_interleave(users, sizes)
-        items = index[~is_window] - self.num_window_samples + 1
-        states = torch.cat([self.features.transitions[rows], self.features.alignment[items - 1]])
-        return Interaction({
-            QUERY_STATES: states.float(),  # stored in 16 bits: only the batch's rows are converted
-            self._dataset.iid_field: torch.cat([sequences.transition_items(rows, row_users), items]),
-        })
-
-
-class _CachedQueryFeatureMixin:
-    """Adds each row's user's cached ``[Q]`` state to the batches of a RecBole evaluation loader."""
-
-    def __init__(self, config, dataset, sampler, features_by_user):
-        self.features_by_user = features_by_user
-        super().__init__(config, dataset, sampler, shuffle=False)
-
-    def collate_fn(self, index):
-        interaction, *positions = super().collate_fn(index)
-        users = interaction[self._dataset.uid_field]
-        interaction.update(Interaction({QUERY_STATES: self.features_by_user[users]}))
-        return (interaction, *positions)
-
-
-class CachedQueryEvalDataLoader(_CachedQueryFeatureMixin, FullSortEvalDataLoader):
-    """RecBole's full-sort evaluation, with each user's cached ``[Q]`` state added to the batch."""
-
-
-class CachedQueryNegSampleEvalDataLoader(_CachedQueryFeatureMixin, NegSampleEvalDataLoader):
-    """RecBole's sampled evaluation (e.g. ``uni19``): every candidate row carries its user's cached state."""
-
-
-def _held_out_states(features, sequences: UserSequences, positions, user_num):
-    """``[user_num, H]``: by user id, the cached state that predicts the held-out item at ``positions``."""
-    by_user = torch.zeros(user_num, features.transitions.shape[1])
-    users = torch.nonzero(positions >= 0).squeeze(1)
-    rows = sequences.transition_index(users, positions[users])
-    by_user[sequences.uid[users]] = features.transitions[rows].float()
-    return by_user
-
-
-class QueryFeatureCache:
-    """The cached ``[Q]`` states of one run, and the cached twins of its dataloaders.
-
-    Built from the multi-query training loader, whose windows span each user's whole history (see
-    :func:`~recbole_st2si.data.dataloader.training_windows`); an evaluation loader gets its held-out
-    states by its dataset (validation or test).
-    """
-
-    def __init__(self, config, model, train_data):
-        self.config = config
-        self.windows = train_data.windows
-        sequences = self.windows.sequences
-        self.features = load_or_compute(config, model, sequences)
-        user_num = train_data.dataset.user_num
-        valid_dataset, test_dataset = train_data.held_out_datasets
-        self.states_by_dataset = {
-            id(valid_dataset): _held_out_states(self.features, sequences, sequences.valid_position, user_num),
-            id(test_dataset): _held_out_states(self.features, sequences, sequences.test_position, user_num),
-        }
-
-    def train_loader(self, train_data):
-        return CachedQueryTrainDataLoader(
-            self.config, train_data.dataset, self.features, self.windows, shuffle=self.config["shuffle"]
-        )
-
-    def eval_loader(self, loader):
-        """The cached twin of a RecBole evaluation loader (same protocol, same sampler); the loader
-        itself if it is cached already or evaluates another dataset."""
-        states = self.states_by_dataset.get(id(loader.dataset))
-        if isinstance(loader, _CachedQueryFeatureMixin) or states is None:
-            return loader
-        if isinstance(loader, FullSortEvalDataLoader):
-            return CachedQueryEvalDataLoader(self.config, loader.dataset, loader._sampler, states)
-        return CachedQueryNegSampleEvalDataLoader(self.config, loader.dataset, loader._sampler, states)

@@ -42,6 +42,7 @@ RANGES = {
     "max_seq_tokens": (2, True, None, True),
     "max_attr_tokens": (1, True, None, True),
     "lora_r": (1, True, None, True),
+    "top_layers": (0, True, None, True),
     "lora_alpha": (0, False, None, False),
     "n_layers": (1, True, None, True),
     "n_heads": (1, True, None, True),
@@ -64,7 +65,7 @@ MAY_BE_UNSET = {"ilp_learning_rate", "ilp_chunk_size"}  # ~ = derived from other
 # train_stage of its own): model: {name: words}. The code that reads them relies on this check.
 CHOICES = {
     "ST2SI": {
-        "train_stage": ("auto", "full", "ilp", "lora", "pretrain"),
+        "train_stage": ("auto", "full", "ilp", "top", "lora", "pretrain"),
         "train_window": ("all", "random", "full"),
         "mixed_precision": ("bf16", "fp16", "no"),
         "feature_cache_dtype": ("auto", "bf16", "fp32"),

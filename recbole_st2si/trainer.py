@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from recbole_st2si.backbone import load_tokenizer, save_backbone
-from recbole_st2si.feature_cache import QueryFeatureCache
+from recbole_st2si.data.cached_dataloader import FeatureCache
 from recbole_st2si.run_files import (
     RunFiles,
     checkpoint_state_dict,
@@ -257,7 +257,7 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     backbone is never written to disk again.
 
     With a frozen backbone (``train_stage: ilp``, ``feature_cache: True``) the trainer runs the
-    backbone once (:class:`~recbole_st2si.feature_cache.QueryFeatureCache`), then trains and
+    backbone once (:class:`~recbole_st2si.data.cached_dataloader.FeatureCache`), then trains and
     evaluates the ILP on the cached ``[Q]`` states. After training, the best ILP is saved on its
     own, and after ``pretrain`` the backbone too.
     """
@@ -267,7 +267,7 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         super().__init__(config, model)
         self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
         self.scheduler = None
-        self.uses_feature_cache = config["train_stage"] == "ilp" and bool(config["feature_cache"])
+        self.uses_feature_cache = config["train_stage"] in ("ilp", "top") and bool(config["feature_cache"])
         self.feature_cache = None  # built by fit
         if config["ilp_checkpoint"]:
             load_ilp(model, config["ilp_checkpoint"])
@@ -286,7 +286,7 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.uses_feature_cache:
-            self.feature_cache = QueryFeatureCache(self.config, self.model, train_data)
+            self.feature_cache = FeatureCache(self.config, self.model, train_data)
             train_data = self.feature_cache.train_loader(train_data)
             valid_data = valid_data and self.feature_cache.eval_loader(valid_data)
         steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)

@@ -34,14 +34,14 @@ def test_stored_states_are_the_float32_pass_rounded_to_bfloat16(make_config, tmp
     sequences = loaders[0].windows.sequences
     features = load_or_compute(config, model, sequences)
     (states_file,) = (tmp_path / "cache").glob("*.states")
-    rows = len(features.transitions) + len(features.alignment)
-    assert features.transitions.dtype == torch.bfloat16 and states_file.stat().st_size == rows * 32 * 2
+    rows = len(features.history) + len(features.alignment)
+    assert features.history.dtype == torch.bfloat16 and states_file.stat().st_size == rows * 32 * 2
     model.eval()
     with torch.no_grad():
         for user in range(len(sequences.uid)):  # every tiny history fits one window of 50 items
             history = sequences.items[sequences.offsets[user] : sequences.offsets[user + 1]]
             states, _ = model.query_states(history[None, :-1], torch.tensor([len(history) - 1]))
-            cached = features.transitions[sequences.transition_index(user, torch.arange(1, len(history)))]
+            cached = features.history[sequences.transition_index(user, torch.arange(1, len(history)))]
             assert torch.equal(cached, states[0].to(torch.bfloat16))
         for item in range(1, model.n_items):
             states, _ = model.query_states(torch.tensor([[model.prompt_item_id, item]]), torch.tensor([2]))
@@ -58,26 +58,26 @@ def test_the_cache_is_mapped_from_its_file_when_built_and_when_reused(make_confi
     del built
     assert str(states_file) not in Path("/proc/self/maps").read_text()
     reused = load_or_compute(config, model, sequences)
-    assert str(states_file) in Path("/proc/self/maps").read_text() and reused.transitions.dtype == torch.bfloat16
+    assert str(states_file) in Path("/proc/self/maps").read_text() and reused.history.dtype == torch.bfloat16
 
 
 def test_reading_every_state_of_a_cache_takes_no_anonymous_memory_of_its_size(tmp_path):
     """138 MB of states (the width of SmolLM2-135M) written and read back through the cache's writer
     and reader: the pages are the file's, so anonymous memory grows by far less than the file."""
-    layout = StatesLayout(transitions=120_000, alignment=10, hidden=576, storage="bf16")
+    layout = StatesLayout(history=120_000, alignment=10, hidden=576, storage="bf16", trained_layers=0)
     files = CacheFiles.named(tmp_path, "large")
     generator = torch.Generator().manual_seed(0)
 
     def fill(path):
-        for rows in layout.map(path, writable=True).transitions.split(1024):
+        for rows in layout.map(path, writable=True).history.split(1024):
             rows.copy_(torch.randn(rows.shape, generator=generator))
 
     store_states(files, layout, fill)
     before = rss_anon_bytes()
     features = read_cache(files, layout)
-    total = sum(float(rows.float().abs().sum()) for rows in features.transitions.split(1024))
+    total = sum(float(rows.float().abs().sum()) for rows in features.history.split(1024))
     grown = rss_anon_bytes() - before
-    assert total > 0.7 * layout.transitions * layout.hidden  # E|x| of a normal: 0.8, so every row was read
+    assert total > 0.7 * layout.history * layout.hidden  # E|x| of a normal: 0.8, so every row was read
     assert grown < layout.num_bytes / 4, f"anonymous memory grew by {grown} bytes for a {layout.num_bytes}-byte file"
 
 

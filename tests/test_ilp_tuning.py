@@ -8,7 +8,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 
 from recbole_st2si.errors import UserInputError
-from recbole_st2si.feature_cache import QueryFeatureCache
+from recbole_st2si.data.cached_dataloader import FeatureCache
 from recbole_st2si.model import ST2SI
 from recbole_st2si.model.st2si import QUERY_STATES
 from recbole_st2si.quick_start import run_recbole_st2si
@@ -29,7 +29,7 @@ def build(config):
 
 def cached_dataloaders(config, model, train_data, valid_data, test_data):
     """The cached twins of the three loaders, as the trainer builds them."""
-    cache = QueryFeatureCache(config, model, train_data)
+    cache = FeatureCache(config, model, train_data)
     return cache.train_loader(train_data), cache.eval_loader(valid_data), cache.eval_loader(test_data)
 
 
@@ -112,7 +112,7 @@ def test_bf16_cache_stays_close_to_float32(make_config, tmp_path):
     for dtype in ("fp32", "bf16"):
         config = ilp_config(make_config, tmp_path, feature_cache_dtype=dtype)
         model, loaders = build(config)
-        states[dtype] = cached_dataloaders(config, model, *loaders)[0].features.transitions
+        states[dtype] = cached_dataloaders(config, model, *loaders)[0].states.history
     cosine = torch.nn.functional.cosine_similarity(states["bf16"], states["fp32"], dim=1)
     assert cosine.min() > 0.999 and not torch.equal(states["bf16"], states["fp32"])
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the precision is part of the key
@@ -136,11 +136,11 @@ def test_cached_features_serve_the_sampled_uni19_evaluation(make_config, tmp_pat
 def test_cache_is_reused_only_for_identical_backbone_and_inputs(make_config, tmp_path):
     config = ilp_config(make_config, tmp_path)
     model, loaders = build(config)
-    first = cached_dataloaders(config, model, *loaders)[0].features
+    first = cached_dataloaders(config, model, *loaders)[0].states
     files = sorted((tmp_path / "cache").glob("*.pt"))
     assert len(files) == 1
-    again = cached_dataloaders(config, model, *loaders)[0].features
-    assert torch.equal(first.transitions, again.transitions) and sorted((tmp_path / "cache").glob("*.pt")) == files
+    again = cached_dataloaders(config, model, *loaders)[0].states
+    assert torch.equal(first.history, again.history) and sorted((tmp_path / "cache").glob("*.pt")) == files
 
     shorter_text = ilp_config(make_config, tmp_path, max_attr_tokens=1)
     cached_dataloaders(shorter_text, *build_pair(shorter_text))
@@ -169,8 +169,8 @@ def test_without_multi_query_random_windows_train_one_random_transition_per_samp
     config = ilp_config(make_config, tmp_path, multi_query=False, train_window="random", id_alignment=False)
     model, loaders = build(config)
     cached_train = cached_dataloaders(config, model, *loaders)[0]
-    features, sequences = cached_train.features, cached_train.windows.sequences
-    features.transitions = torch.arange(len(features.transitions), dtype=torch.float)[:, None]  # states name their row
+    features, sequences = cached_train.states, cached_train.windows.sequences
+    features.history = torch.arange(len(features.history), dtype=torch.float)[:, None]  # states name their row
     features.alignment = features.alignment[:, :1]
     users = cached_train.windows.users
     first = sequences.transition_index(users, torch.ones_like(users))

@@ -187,7 +187,7 @@ def cache_run(make_config, tmp_path):
     config = ilp_config(make_config, tmp_path)
     model, loaders = build(config)
     sequences = loaders[0].windows.sequences
-    states = load_or_compute(config, model, sequences).transitions.clone()
+    states = load_or_compute(config, model, sequences).history.clone()
     (record,) = (tmp_path / "cache").glob("*.pt")
     return config, model, sequences, states, feature_cache.CacheFiles.named(record.parent, record.stem)
 
@@ -214,10 +214,10 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(cache_run, damage, caplog):
     with caplog.at_level(logging.WARNING):
         rebuilt = load_or_compute(config, model, sequences)
     assert "it is rebuilt" in caplog.text and str(damaged) in caplog.text
-    assert torch.equal(rebuilt.transitions, states)
+    assert torch.equal(rebuilt.history, states)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(load_or_compute(config, model, sequences).transitions, states), "the rebuilt cache is stored"
+        assert torch.equal(load_or_compute(config, model, sequences).history, states), "the rebuilt cache is stored"
     assert not caplog.text
 
 
@@ -256,7 +256,7 @@ def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, mon
         return open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(feature_cache, "open", read_only_open, raising=False)
-    assert torch.equal(load_or_compute(config, model, sequences).transitions, states)
+    assert torch.equal(load_or_compute(config, model, sequences).history, states)
     files.record.unlink()
     files.states.unlink()
     with pytest.raises(UserInputError, match="cannot be written \\(Read-only file system\\) and holds no cache"):

@@ -34,7 +34,7 @@ BASELINES = ["SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec"]
         ({"learning_rate": "fast"}, "learning_rate must be a number > 0, got 'fast'"),
         ({"multi_query": "flase"}, "multi_query must be True or False, got 'flase'"),
         ({"train_window": "rand"}, "train_window must be one of all, random, full, got 'rand'"),
-        ({"train_stage": "ful"}, "train_stage must be one of auto, full, ilp, lora, pretrain"),
+        ({"train_stage": "ful"}, "train_stage must be one of auto, full, ilp, top, lora, pretrain"),
         ({"feature_cache_storage": "fp16"}, "feature_cache_storage must be one of bf16, fp32, got 'fp16'"),
         ({"learnig_rate": 1e-3}, "unknown setting learnig_rate (from the command line or config_dict); did you mean learning_rate"),
         ({"resume": True}, "unknown setting resume (from the command line or config_dict)"),
@@ -89,7 +89,7 @@ def test_model_settings_of_another_model_are_unknown(settings):
     "name, value, message",
     [
         ("train_window", "sometimes", "train_window must be one of all, random, full, got 'sometimes'"),
-        ("train_stage", "frozen", "train_stage must be one of auto, full, ilp, lora, pretrain, got 'frozen'"),
+        ("train_stage", "frozen", "train_stage must be one of auto, full, ilp, top, lora, pretrain, got 'frozen'"),
         ("mixed_precision", "fp8", "mixed_precision must be one of bf16, fp16, no, got 'fp8'"),
         ("feature_cache_dtype", "fp16", "feature_cache_dtype must be one of auto, bf16, fp32, got 'fp16'"),
         ("feature_cache_storage", "fp16", "feature_cache_storage must be one of bf16, fp32, got 'fp16'"),

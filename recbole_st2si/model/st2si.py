@@ -9,6 +9,7 @@ goes through the item linear projection (ILP, ``hidden -> n_items``) and predict
 Reference: "Learning Transition Patterns by Large Language Models for Sequential Recommendation".
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,20 @@ from recbole_st2si.backbone import (
 )
 from recbole_st2si.errors import UserInputError
 
-TRAIN_STAGES = ("full", "ilp", "lora", "pretrain")
+TRAIN_STAGES = ("full", "ilp", "top", "lora", "pretrain")
+SPLIT_DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose top layers run on given hidden states
+
+# Interaction fields of batches whose frozen part was computed ahead (the feature cache):
 QUERY_STATES = "query_states"
-"""Interaction field of a batch whose ``[Q]`` states were computed ahead (the frozen backbone's
-feature cache): each row's state, in place of the history the backbone would read."""
+"""``[B, H]``: each row's ``[Q]`` state, for a backbone that trains nothing (``ilp``)."""
+TOKEN_STATES = "token_states"
+"""``[B, S, H]``: the hidden states entering the first trained layer (``top``) of each row's tokens,
+right-padded; ``TOKEN_COUNT`` ``[B]`` says how many are real."""
+TOKEN_COUNT = "token_count"
+QUERY_POSITIONS = "query_positions"
+"""``[B, L]``: in a training batch of token states, the token index of every ``[Q]``, and in
+``QUERY_TARGETS`` the item each predicts (0: none, the query does not train)."""
+QUERY_TARGETS = "query_targets"
 PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
 
 
@@ -161,6 +172,29 @@ class PaddedHistoriesLayer(DynamicLayer):
         return layer
 
 
+def split_decoder(backbone, trained_layers):
+    """The backbone as a lower and an upper decoder sharing its modules: the lower one runs the
+    frozen layers and returns the hidden states entering the first of the ``trained_layers`` top
+    layers; the upper one runs those layers, with their rotary positions and causal mask, and the
+    final norm, on given hidden states. Without trained layers: the backbone itself, and nothing above."""
+    if not trained_layers:
+        return backbone, None
+    if backbone.config.model_type not in SPLIT_DECODERS:
+        raise UserInputError(f"train_stage top runs the top layers on their own, which this backbone "
+                             f"({backbone.config.model_type}) does not allow; use one of {', '.join(SPLIT_DECODERS)}")
+    depth = len(backbone.layers)
+    if trained_layers >= depth:
+        raise UserInputError(f"top_layers={trained_layers} must be below the backbone's {depth} layers (use full)")
+
+    def view(layers, norm):
+        part = copy.copy(backbone)
+        part._modules = dict(backbone._modules)  # its own list of layers, the same layers
+        part.layers, part.norm = nn.ModuleList(layers), norm
+        return part
+
+    return view(backbone.layers[:-trained_layers], nn.Identity()), view(backbone.layers[-trained_layers:], backbone.norm)
+
+
 def with_lora_adapters(backbone, config):
     """Wrap the backbone with LoRA adapters (``peft``); only they and the ILP are trained."""
     from peft import LoraConfig, get_peft_model
@@ -184,7 +218,9 @@ class ST2SI(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.USER_ID = config["USER_ID_FIELD"]
         self.train_stage = config["train_stage"]
+        self.trained_layers = config["top_layers"] if self.train_stage == "top" else 0
         self.multi_query = config["multi_query"]
         self.max_seq_tokens = config["max_seq_tokens"]
         self.ilp_chunk_size = config["ilp_chunk_size"] or None
@@ -211,10 +247,22 @@ class ST2SI(SequentialRecommender):
         self.register_buffer("segment_len", segment_len, persistent=False)
         self.prompt_item_id = self.n_items
 
-        if self.train_stage == "ilp":
+        if self.train_stage in ("ilp", "top"):
             self.backbone.requires_grad_(False)
         elif self.train_stage == "lora":
             self.backbone = with_lora_adapters(self.backbone, config)
+        self.decoder_split = split_decoder(self.backbone, self.trained_layers)  # a tuple: not registered twice
+        if self.upper_decoder is not None:
+            self.upper_decoder.layers.requires_grad_(True)
+            self.upper_decoder.norm.requires_grad_(True)
+
+    @property
+    def lower_decoder(self):
+        return self.decoder_split[0]
+
+    @property
+    def upper_decoder(self):
+        return self.decoder_split[1]
 
     def _segment_table(self, item_tokens, item_len, prompt):
         """Token table of every input segment: item ``i``'s text followed by ``[Q]``, and, at row
@@ -230,8 +278,10 @@ class ST2SI(SequentialRecommender):
 
     def train(self, mode=True):
         super().train(mode)
-        if self.train_stage == "ilp":
+        if self.train_stage in ("ilp", "top"):
             self.backbone.eval()  # frozen: no dropout, so its outputs are a fixed function of the input
+            if self.upper_decoder is not None:
+                self.upper_decoder.layers.train(mode)
         return self
 
     # ------------------------------------------------------------------ token assembly
@@ -281,11 +331,27 @@ class ST2SI(SequentialRecommender):
         """Last hidden states at every ``[Q]``: ``[B, L, H]`` and the mask of real queries ``[B, L]``
         (padding slots, dropped items and the alignment prompt are not queries)."""
         input_ids, attention_mask, position_ids, query_pos, kept = self.assemble_inputs(item_seq, item_seq_len)
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.upper_decoder is None):
+            hidden = self.lower_decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = self.upper_states(hidden.last_hidden_state, attention_mask, position_ids)
         states = hidden.gather(1, query_pos.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
         return states, kept & (item_seq != self.prompt_item_id)
+
+    def frozen_states(self, item_seq, item_seq_len):
+        """What the frozen part of the backbone computes, as the feature cache stores it: with trained
+        top layers, the states entering the first of them for every token (``[B, S, H]``); without,
+        the last hidden state at every ``[Q]`` (``[B, L, H]``)."""
+        if not self.trained_layers:
+            return self.query_states(item_seq, item_seq_len)[0]
+        input_ids, attention_mask, position_ids, _, _ = self.assemble_inputs(item_seq, item_seq_len)
+        return self.lower_decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+    def upper_states(self, hidden, attention_mask, position_ids=None):
+        """The last hidden states from the states entering the first trained layer (``top``); for
+        other stages these are the last hidden states already."""
+        if self.upper_decoder is None:
+            return hidden
+        return self.upper_decoder(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
     def query_targets(self, item_seq, item_seq_len, target):
         """The item each ``[Q]`` predicts: the next item in the sequence, and ``target`` after the last."""
@@ -392,16 +458,31 @@ class ST2SI(SequentialRecommender):
         states, _ = self.query_states(item_seq, item_seq_len)
         return self.gather_indexes(states, item_seq_len - 1)
 
+    def token_states(self, interaction):
+        """The last hidden states of a batch of :data:`TOKEN_STATES`, computed by the trained layers."""
+        tokens, count = interaction[TOKEN_STATES], interaction[TOKEN_COUNT]
+        mask = torch.arange(tokens.shape[1], device=tokens.device) < count[:, None]
+        return self.upper_states(tokens, mask.long()), count
+
     def held_out_states(self, interaction):
-        """The ``[Q]`` state after each row's history: computed ahead (:data:`QUERY_STATES`), or by the backbone."""
+        """The ``[Q]`` state after each row's history: from the frozen part computed ahead
+        (:data:`QUERY_STATES`, :data:`TOKEN_STATES`), or by the whole backbone."""
         if QUERY_STATES in interaction:
             return interaction[QUERY_STATES]
+        if TOKEN_STATES in interaction:  # the row's last token is the [Q] before its held-out item
+            hidden, count = self.token_states(interaction)
+            return hidden[torch.arange(len(hidden), device=hidden.device), count - 1]
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def calculate_loss(self, interaction):
-        target = interaction[self.POS_ITEM_ID]
         if QUERY_STATES in interaction:  # one state per transition, computed ahead
-            return self.ilp_loss(interaction[QUERY_STATES], target)
+            return self.ilp_loss(interaction[QUERY_STATES], interaction[self.POS_ITEM_ID])
+        if TOKEN_STATES in interaction:  # windows of token states entering the trained layers
+            hidden, _ = self.token_states(interaction)
+            states = hidden.gather(1, interaction[QUERY_POSITIONS][..., None].expand(-1, -1, hidden.shape[-1]))
+            targets = interaction[QUERY_TARGETS]
+            return self.ilp_loss(states[targets > 0], targets[targets > 0])
+        target = interaction[self.POS_ITEM_ID]
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         states, is_query = self.query_states(item_seq, item_seq_len)
         targets = self.query_targets(item_seq, item_seq_len, target)
@@ -417,6 +498,12 @@ class ST2SI(SequentialRecommender):
         candidate row; each distinct history goes through the backbone once."""
         if QUERY_STATES in interaction:
             return self.candidate_scores(interaction[QUERY_STATES], interaction[self.ITEM_ID])
+        if TOKEN_STATES in interaction:  # every candidate row carries its user's tokens: run each user once
+            users, row_user = torch.unique(interaction[self.USER_ID], return_inverse=True)
+            rows = torch.arange(len(row_user), device=row_user.device)
+            first_row = torch.full_like(users, len(rows)).scatter_reduce(0, row_user, rows, "amin")
+            states = self.held_out_states(interaction[first_row])
+            return self.candidate_scores(states[row_user], interaction[self.ITEM_ID])
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         histories, row_history = torch.unique(torch.cat([item_seq, item_seq_len[:, None]], 1), dim=0, return_inverse=True)
         states = self.forward(histories[:, :-1], histories[:, -1])
