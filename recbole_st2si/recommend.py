@@ -3,12 +3,13 @@
     python -m recbole_st2si.recommend --model_file saved/ST2SI-Dec-02-2026_10-00-00.pth --user 196 --topk 10
     python -m recbole_st2si.recommend --model_file saved/SASRec-....pth --history 50,172,133 --exclude_history
 
-ST2SI (every ``train_stage``) and RecBole's sequential models (SASRec, GRU4Rec, ...) are served the
-same way. A run that saves its checkpoint also writes a *serving file* beside it
-(``<checkpoint>.serving.pth``, see :func:`recbole_st2si.run_files.serving_info`): the configuration, the item
-vocabulary and titles, every user's history, and, for ST2SI, the item token table and which backbone
-it ran on with a hash of the weights the checkpoint does not hold (an ``ilp`` checkpoint holds only
-the ILP; its frozen backbone comes from ``llm_path`` again and must be the same). In Python:
+ST2SI (every ``train_stage``) and RecBole's sequential models (SASRec, GRU4Rec, BERT4Rec, FDSA,
+S3Rec, ...) are served the same way. A run that saves its checkpoint also writes a *serving file*
+beside it (``<checkpoint>.serving.pth``, see :func:`recbole_st2si.run_files.serving_info`): the
+configuration, the item vocabulary and titles, every user's history, the item features FDSA or S3Rec
+embed, and, for ST2SI, the item token table and which backbone it ran on with a hash of the weights
+the checkpoint does not hold (an ``ilp`` checkpoint holds only the ILP; its frozen backbone comes
+from ``llm_path`` again and must be the same). In Python:
 :func:`recbole_st2si.serving.load_recommender`.
 
 Histories are raw item ids, oldest first. A model reads at most ``MAX_ITEM_LIST_LENGTH`` items, the

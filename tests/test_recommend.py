@@ -30,6 +30,9 @@ NARROW_BACKBONE = "narrow"
 RUNS = {
     "SASRec": ("SASRec", {}),
     "GRU4Rec": ("GRU4Rec", {}),
+    "BERT4Rec": ("BERT4Rec", {}),
+    "FDSA": ("FDSA", {"selected_features": ["title", "brand"]}),  # a token_seq and a token feature
+    "S3Rec": ("S3Rec", {"item_attribute": "brand"}),
     "ST2SI-ilp": ("ST2SI", {"train_stage": "ilp"}),
     "ST2SI-full": ("ST2SI", {}),
     "ST2SI-lora": ("ST2SI", {"train_stage": "lora", "lora_target_modules": ["q_proj", "v_proj"]}),
@@ -40,8 +43,15 @@ RUNS = {
 
 
 def train(model, dataset, entries):
-    """One run of ``model``."""
-    return run_recbole_st2si(model, dataset, config_dict=entries)
+    """One run of ``model``; S3Rec's fine-tuning starts from a pre-training run of one epoch, whose
+    file is removed afterwards: serving needs only the run's checkpoint and serving file."""
+    if model != "S3Rec":
+        return run_recbole_st2si(model, dataset, config_dict=entries)
+    pretraining = {**entries, "train_stage": "pretrain", "pretrain_epochs": 1, "save_step": 1}
+    pretrained = run_recbole_st2si(model, dataset, config_dict=pretraining, saved=False)["trainer"].saved_model_file
+    result = run_recbole_st2si(model, dataset, config_dict={**entries, "train_stage": "finetune", "pre_model_path": pretrained})
+    Path(pretrained).unlink()
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +232,18 @@ def test_a_missing_or_old_serving_file_is_one_line(saved_runs, tmp_path, capsys)
     assert f"has no serving file {copy.serving.name} beside it" in cli_error(capsys, argv)
     save_checked({**load_checked(files.serving), "format": 1}, copy.serving)
     assert "has format 1, not 2: written by another version" in cli_error(capsys, argv)
+
+
+def test_a_model_whose_item_features_the_serving_file_lacks_is_refused_by_name(saved_runs, tmp_path, capsys):
+    """As the serving files written before they kept the item features FDSA embeds."""
+    files = RunFiles.of(saved_runs["FDSA"][0])
+    copy = RunFiles.of(tmp_path / files.checkpoint.name)
+    shutil.copy(files.checkpoint, copy.checkpoint)
+    info = load_checked(files.serving)
+    del info["item_features"]
+    save_checked(info, copy.serving)
+    error = cli_error(capsys, ["--model_file", str(copy.checkpoint), "--user", "u1"])
+    assert error.startswith("error: FDSA needs more of its dataset than item ids") and "cannot be served" in error
 
 
 def test_a_history_longer_than_the_model_reads_is_cut_only_on_request(saved_runs, capsys):

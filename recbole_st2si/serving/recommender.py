@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from recbole.utils import init_seed
+from recbole.data.interaction import Interaction
+from recbole.utils import FeatureType, init_seed
 
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.run_files import RunFiles, frozen_weights_digest, load_checkpoint, load_weights, read_serving_file
@@ -12,6 +13,9 @@ from recbole_st2si.serving.backends import BACKBONE_PRECISIONS, backend_for, pad
 from recbole_st2si.utils import get_model
 
 EMPTY_HISTORY = "the history is empty: give at least one item id"
+SERVING_SETTINGS = {"S3Rec": {"train_stage": "pretrain"}}
+"""Settings a model is built with for serving, whatever it trained with: S3Rec's fine-tuning stage
+would read its pre-training file again, while the checkpoint holds all its weights."""
 
 
 class SavedConfig(dict):
@@ -22,16 +26,31 @@ class SavedConfig(dict):
 
 
 class SavedDataset:
-    """What building a sequential model reads from its dataset, restored from a serving file."""
+    """What building a sequential model reads from its dataset, restored from a serving file: the
+    item ids, ST2SI's item tokens and the item features that FDSA or S3Rec embed."""
 
     def __init__(self, info, config):
+        self.config = config
         self.iid_field = config["ITEM_ID_FIELD"]
+        self.item_num = len(info["items"])
         self.field2id_token = {self.iid_field: np.array(info["items"])}
         self.item_token_ids = info.get("item_token_ids")
         self.item_token_len = info.get("item_token_len")
+        features = info.get("item_features", {})  # absent from files written before features were kept
+        self.field2type = {self.iid_field: FeatureType.TOKEN}
+        self.field2type.update({field: FeatureType(feature["type"]) for field, feature in features.items()})
+        self.field_sizes = {self.iid_field: self.item_num}
+        self.field_sizes.update({field: feature["size"] for field, feature in features.items()})
+        self.item_feat = Interaction({
+            self.iid_field: torch.arange(self.item_num),
+            **{field: feature["values"] for field, feature in features.items()},
+        })
 
     def num(self, field):
-        return len(self.field2id_token[field])
+        return self.field_sizes[field]
+
+    def get_item_feature(self):
+        return self.item_feat
 
 
 def load_recommender(model_file, llm_path=None, device=None, precision="fp32"):
@@ -51,6 +70,7 @@ def load_recommender(model_file, llm_path=None, device=None, precision="fp32"):
     checkpoint = load_checkpoint(files.checkpoint)
     info = read_serving_file(files, checkpoint)
     config = SavedConfig(info["config"], device=torch.device(device or "cpu"), ilp_checkpoint=None)
+    config.update(SERVING_SETTINGS.get(info["model"], {}))
     if llm_path:
         config["llm_path"] = llm_path
     model = _saved_model(info, config)
