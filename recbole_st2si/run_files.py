@@ -185,11 +185,26 @@ def _item_titles(dataset, text_fields) -> list[str]:
     return [" ".join(str(vocabulary[token]) for token in row if token) for row in values.view(len(values), -1).tolist()]
 
 
+def _embedded_item_features(dataset, model):
+    """The item features a RecBole model embeds besides ids, which building it again needs: those of
+    its feature layer (FDSA, SASRecF, GRU4RecF: ``selected_features``) and S3Rec's ``item_attribute``."""
+    layer = getattr(model, "feature_embed_layer", None)
+    fields = list(layer.field_names["item"]) if layer is not None else []
+    if hasattr(model, "FEATURE_FIELD"):
+        fields.append(model.FEATURE_FIELD)
+    features = dataset.get_item_feature()
+    return {
+        field: {"values": features[field], "type": dataset.field2type[field].value, "size": dataset.num(field)}
+        for field in fields
+    }
+
+
 def serving_info(config, dataset, split_datasets, model):
     """What a saved run needs to be served without its dataset files: the settings, the item and
-    user vocabularies, item titles, every user's history (rebuilt from the split rows) and, for a
-    model with a frozen backbone, which backbone it ran on with a hash of its weights. ``None``, with
-    a warning, when the split is not leave-one-out (the histories cannot be rebuilt)."""
+    user vocabularies, item titles, every user's history (rebuilt from the split rows), the item
+    features the model embeds and, for a model with a frozen backbone, which backbone it ran on with
+    a hash of its weights. ``None``, with a warning, when the split is not leave-one-out (the
+    histories cannot be rebuilt)."""
     try:
         sequences = user_sequences(*split_datasets)
     except UserInputError as error:
@@ -205,6 +220,7 @@ def serving_info(config, dataset, split_datasets, model):
         "history_users": sequences.uid,
         "history_items": sequences.items,
         "history_offsets": sequences.offsets,
+        "item_features": _embedded_item_features(dataset, model),
     }
     if hasattr(model, "backbone"):
         info.update(
