@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.precision import has_native_bf16
 from recbole_st2si.run_files import frozen_weights_digest
 from recbole_st2si.safe_io import (
     DamagedFileError,
@@ -63,7 +64,6 @@ from recbole_st2si.safe_io import (
 
 CACHE_FORMAT = 5
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass
@@ -172,20 +172,10 @@ class BuildGroup:
 SINGLE_PROCESS = BuildGroup()
 
 
-def cpu_has_native_bf16():
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
-
-
 def cache_dtype(setting, device):
     """The precision of the frozen pass: ``auto`` is bfloat16 where the hardware has it natively."""
     if setting == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     return CACHE_DTYPES[setting]
 
 

@@ -23,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from recbole_st2si.backbone import load_tokenizer, save_backbone
 from recbole_st2si.data.cached_dataloader import FeatureCache
+from recbole_st2si.precision import autocast_dtype
 from recbole_st2si.run_files import (
     RunFiles,
     checkpoint_state_dict,
@@ -35,9 +36,6 @@ from recbole_st2si.run_files import (
     write_serving_file,
 )
 from recbole_st2si.safe_io import save_checked
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}  # mixed_precision
-
 
 def random_states():
     """The global random generators a training epoch draws from (dropout, samplers, shuffling)."""
@@ -252,8 +250,8 @@ def get_trainer(model_type, model_name):
 class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     """RecBole's training loop with the authors' recipe: AdamW with separate learning rates for the
     backbone (``learning_rate``) and the ILP (``ilp_learning_rate``), a cosine schedule with
-    ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and bf16/fp16 autocast on CUDA
-    (``mixed_precision``; float32 on CPU). Checkpoints hold only the trained parameters, so a frozen
+    ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and autocast in ``mixed_precision``
+    (:func:`~recbole_st2si.precision.autocast_dtype`: on a CPU, bf16 where it is native, else float32). Checkpoints hold only the trained parameters, so a frozen
     backbone is never written to disk again.
 
     With a frozen backbone (``train_stage: ilp``, ``feature_cache: True``) the trainer runs the
@@ -265,15 +263,12 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     def __init__(self, config, model):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
-        self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
+        self.autocast_dtype = autocast_dtype(config["mixed_precision"], self.device)
         self.scheduler = None
         self.uses_feature_cache = config["train_stage"] in ("ilp", "top") and bool(config["feature_cache"])
         self.feature_cache = None  # built by fit
         if config["ilp_checkpoint"]:
             load_ilp(model, config["ilp_checkpoint"])
-
-    def _autocast_dtype(self, mixed_precision):
-        return AUTOCAST_DTYPES[mixed_precision] if self.device.type == "cuda" else None
 
     def _build_optimizer(self, **kwargs):
         ilp = [p for p in self.model.ilp.parameters() if p.requires_grad]

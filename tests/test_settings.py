@@ -1,7 +1,6 @@
 """Settings are checked before any work: unknown names with close matches, ranges, the words a
 setting takes, and RecBole settings that ST2SI does not use."""
 
-import types
 
 import pytest
 import torch
@@ -9,9 +8,10 @@ import torch
 from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import CACHE_DTYPES, cache_dtype
+from recbole_st2si import precision
+from recbole_st2si.precision import autocast_dtype
 from recbole_st2si.model import ST2SI
 from recbole_st2si.settings import CHOICES, model_rules
-from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_config
 
 from .conftest import DATA_DIR
@@ -105,9 +105,8 @@ def test_every_choice_is_one_the_code_reads():
     """The words check_settings lets through are the ones the code maps (it no longer checks them)."""
     choices = model_rules(CHOICES, ST2SI)
     assert set(choices["train_stage"]) == {"auto", *ST2SI.train_stages}
-    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-    assert {word: ST2SITrainer._autocast_dtype(on_gpu, word) for word in choices["mixed_precision"]} == expected
+    assert {word: autocast_dtype(word, torch.device("cuda")) for word in choices["mixed_precision"]} == expected
     assert {word: CACHE_DTYPES[word] for word in choices["feature_cache_storage"]} == {"bf16": torch.bfloat16, "fp32": torch.float32}
     frozen_pass = {word: cache_dtype(word, torch.device("cpu")) for word in choices["feature_cache_dtype"]}
     assert frozen_pass["bf16"] == torch.bfloat16 and frozen_pass["fp32"] == torch.float32
@@ -157,3 +156,11 @@ def test_st2sis_words_are_not_applied_to_another_models_setting_of_the_same_name
 def test_a_command_line_none_agrees_with_st2si(settings):
     entries = {**settings(), **parse_overrides(["--train_neg_sample_args=None", "--loss_type=CE"])}
     assert create_config("ST2SI", "tiny", config_dict=entries)["loss_type"] == "CE"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_autocast_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp16", cpu) is None and autocast_dtype("no", cpu) is None

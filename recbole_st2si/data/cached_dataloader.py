@@ -13,6 +13,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoa
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
 
+from recbole_st2si.data.dataloader import LengthBucketedBatches
 from recbole_st2si.data.windows import TrainingWindows, UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import CachedStates, TokenRows, load_or_compute
@@ -39,7 +40,7 @@ def pad_columns(tensors, fill=0):
                       for t in tensors])
 
 
-class _CachedTrainDataLoader(AbstractDataLoader):
+class _CachedTrainDataLoader(LengthBucketedBatches, AbstractDataLoader):
     """The samples of :class:`~recbole_st2si.data.dataloader.ST2SITrainDataLoader` (windows, then
     alignment items), shuffled together into batches; subclasses say what a batch carries."""
 
@@ -48,6 +49,7 @@ class _CachedTrainDataLoader(AbstractDataLoader):
         self.multi_query = config["multi_query"]
         self.num_window_samples = len(windows)
         self.sample_size = len(windows) + (dataset.item_num - 1 if config["id_alignment"] else 0)
+        self.sample_tokens = self.count_sample_tokens()
         super().__init__(config, dataset, None, shuffle=shuffle)
         self.window_generator = torch.Generator().manual_seed(config["seed"])
 
@@ -65,6 +67,9 @@ class _CachedTrainDataLoader(AbstractDataLoader):
 class CachedQueryTrainDataLoader(_CachedTrainDataLoader):
     """``ilp``: every transition of each window (without multi-query: its last), one cached ``[Q]``
     state each, then the alignment items' states."""
+
+    def count_sample_tokens(self):
+        return None  # one state per transition: no padding to save
 
     def batch(self, users, starts, targets, items):
         first = starts + 1 if self.multi_query else targets
@@ -87,6 +92,13 @@ class CachedTokenTrainDataLoader(_CachedTrainDataLoader):
     def __init__(self, config, dataset, states, windows, rows: TokenRows, shuffle=True):
         self.rows = rows
         super().__init__(config, dataset, states, windows, shuffle)
+
+    def count_sample_tokens(self):
+        users, starts, targets = self.windows.fixed
+        first = self.windows.sequences.transition_index(users, starts + 1)
+        prompts = self.rows.alignment_end - self.rows.alignment_start
+        return torch.cat([self.rows.end[first + targets - starts - 1] - self.rows.start[first],
+                          prompts[: self.sample_size - len(users)]])
 
     def batch(self, users, starts, targets, items):
         rows, sequences = self.rows, self.windows.sequences

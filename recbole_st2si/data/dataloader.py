@@ -1,5 +1,7 @@
 """The multi-query training dataloader: one window per sample, plus ID-alignment samples."""
 
+import math
+
 import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
@@ -20,7 +22,46 @@ def training_windows(config, dataset, held_out_datasets):
     )
 
 
-class ST2SITrainDataLoader(AbstractDataLoader):
+class LengthBucketedBatches:
+    """Training batches of samples with similar token counts, so that little compute goes to padding
+    (a batch of random windows is as long as its longest: on Amazon texts several times the average).
+
+    Each epoch the samples are shuffled with the loader's generator, cut into chunks of
+    ``BUCKET_BATCHES`` batches, sorted by token count within a chunk and split into batches, whose
+    order is shuffled again. A loader sets ``sample_tokens`` before this class's ``__init__`` runs
+    (``None``: plain shuffling, for samples whose length is drawn per epoch). In a distributed run
+    every rank builds the same batches and takes every ``world_size``-th, the list padded with its
+    first batches to a multiple, as ``DistributedSampler`` pads its indices.
+    """
+
+    BUCKET_BATCHES = 32
+
+    def bucketed_batches(self):
+        tokens = self.sample_tokens
+        order = torch.randperm(len(tokens), generator=self.generator) if self.shuffle else torch.arange(len(tokens))
+        batches = []
+        for chunk in order.split(self.step * self.BUCKET_BATCHES):
+            batches += chunk[torch.argsort(tokens[chunk], stable=True)].split(self.step)
+        if self.shuffle:
+            batches = [batches[index] for index in torch.randperm(len(batches), generator=self.generator)]
+        if not self.config["single_spec"]:
+            world, rank = self.config["world_size"], torch.distributed.get_rank()
+            batches = (batches + batches[: -len(batches) % world])[rank::world]
+        return batches
+
+    def __iter__(self):
+        if self.sample_tokens is None:
+            return super().__iter__()
+        return (self.collate_fn(batch.tolist()) for batch in self.bucketed_batches())
+
+    def __len__(self):
+        if self.sample_tokens is None:
+            return super().__len__()
+        batches = math.ceil(self.sample_size / self.step)
+        return batches if self.config["single_spec"] else math.ceil(batches / self.config["world_size"])
+
+
+class ST2SITrainDataLoader(LengthBucketedBatches, AbstractDataLoader):
     """Emits windows of the users' histories (see :mod:`recbole_st2si.data.windows`) instead of
     RecBole's one row per prefix.
 
@@ -45,6 +86,7 @@ class ST2SITrainDataLoader(AbstractDataLoader):
         self.num_alignment_samples = dataset.item_num - 1 if config["id_alignment"] else 0
         self.prompt_item_id = dataset.item_num
         self.sample_size = self.num_user_samples + self.num_alignment_samples
+        self.sample_tokens = self.count_sample_tokens(dataset)
         super().__init__(config, dataset, sampler, shuffle=shuffle)
         self.window_generator = torch.Generator().manual_seed(config["seed"])
 
@@ -52,6 +94,19 @@ class ST2SITrainDataLoader(AbstractDataLoader):
         batch_size = self.config["train_batch_size"]
         self.step = batch_size
         self.set_batch_size(batch_size)
+
+    def count_sample_tokens(self, dataset):
+        """Each sample's tokens: a fixed window's items (``train_window: all``), or an alignment prompt's."""
+        if self.windows.mode != "all":
+            return None
+        users, starts, targets = self.windows.fixed
+        segment_len = dataset.item_token_len + 1
+        sequences = self.windows.sequences
+        prefix = torch.cat([torch.zeros(1, dtype=torch.long), segment_len[sequences.items].cumsum(0)])
+        first = sequences.offsets[users] + starts
+        windows = prefix[first + targets - starts] - prefix[first]
+        prompts = dataset.alignment_prompt_len + segment_len[1 : 1 + self.num_alignment_samples]
+        return torch.cat([windows, prompts])
 
     def collate_fn(self, index):
         index = torch.as_tensor(index, dtype=torch.long)

@@ -31,6 +31,7 @@ class ST2SIDataset(SequentialDataset):
     Attributes:
         item_token_ids (torch.LongTensor): ``[item_num, max_item_tokens]`` token ids, right-padded with 0.
         item_token_len (torch.LongTensor): ``[item_num]`` number of tokens of each item (0 for padding item 0).
+        alignment_prompt_len (int): tokens of ``alignment_prompt``.
     """
 
     def __init__(self, config):
@@ -119,6 +120,7 @@ class ST2SIDataset(SequentialDataset):
 
     def _tokenize_items(self):
         tokenizer, _ = load_tokenizer(self.config["llm_path"], self.config["query_token"])
+        self.alignment_prompt_len = len(tokenizer.encode(self.config["alignment_prompt"], add_special_tokens=False))
         max_tokens = self.config["max_attr_tokens"]
         attributes = self.item_texts()
         flat = [text for item in attributes for text in item]

@@ -53,13 +53,14 @@ def resolve_auto_settings(config):
     """Fill the settings whose default depends on the machine or on other settings.
 
     ``train_stage: auto`` becomes :func:`auto_train_stage` of the run's device; ``ilp_learning_rate: ~`` follows ``learning_rate`` when
-    the backbone trains; when it is frozen it is ``frozen_ilp_learning_rate`` (the authors' 3e-4 by
-    default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after pre-training.
+    the whole backbone trains; when it is frozen, or only its top layers train, it is ``frozen_ilp_learning_rate``
+    (the authors' 3e-4 by default, tuned per dataset in ``dataset_configs/``), or the authors' lower rate after
+    pre-training.
     """
     if config["train_stage"] == "auto":
         config["train_stage"] = auto_train_stage(config["device"].type)
     if config["ilp_learning_rate"] is None:
-        if config["train_stage"] != "ilp":
+        if config["train_stage"] not in ("ilp", "top"):
             config["ilp_learning_rate"] = config["learning_rate"]
         elif config["pretrained_backbone"]:
             config["ilp_learning_rate"] = PRETRAINED_ILP_LEARNING_RATE

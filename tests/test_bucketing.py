@@ -1,0 +1,52 @@
+"""Training batches of similar token counts (LengthBucketedBatches): every sample once per epoch,
+little padding, and the same number of disjoint batches on every rank of a distributed run."""
+
+import random
+
+import torch
+
+from recbole_st2si.data import dataloader
+from recbole_st2si.data.dataloader import LengthBucketedBatches
+
+
+class Samples(LengthBucketedBatches):
+    """The mixin over a stand-in loader whose batches are the samples' indices."""
+
+    def __init__(self, tokens, step, single_spec=True, world_size=1):
+        self.sample_tokens, self.sample_size, self.step, self.shuffle = tokens, len(tokens), step, True
+        self.config = {"single_spec": single_spec, "world_size": world_size}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def collate_fn(self, index):
+        return index
+
+
+def padded_tokens(tokens, batches):
+    """Tokens a batch costs when padded to its longest sample, summed over the batches."""
+    return sum(max(tokens[i] for i in batch) * len(batch) for batch in batches)
+
+
+def test_every_sample_once_per_epoch_with_little_padding():
+    lengths = random.Random(7).choices(range(10, 1001), k=1000)
+    loader = Samples(torch.tensor(lengths), step=16)
+    for _ in range(2):  # two epochs, two orders
+        batches = list(loader)
+        assert len(batches) == len(loader) == 63
+        assert sorted(index for batch in batches for index in batch) == list(range(1000))
+        shuffled = list(range(1000))
+        random.Random(1).shuffle(shuffled)
+        plain = [shuffled[start : start + 16] for start in range(0, 1000, 16)]
+        assert padded_tokens(lengths, batches) < 0.6 * padded_tokens(lengths, plain)
+        assert padded_tokens(lengths, batches) < 1.1 * sum(lengths)
+
+
+def test_distributed_ranks_get_as_many_batches_and_all_samples(monkeypatch):
+    lengths = torch.arange(1, 101)
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dataloader.torch.distributed, "get_rank", lambda: rank)
+        loader = Samples(lengths, step=8, single_spec=False, world_size=2)
+        per_rank.append(list(loader))
+        assert len(per_rank[-1]) == len(loader) == 7
+    seen = [index for batches in per_rank for batch in batches for index in batch]
+    assert set(seen) == set(range(100))
