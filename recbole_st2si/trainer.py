@@ -249,7 +249,7 @@ def get_trainer(model_type, model_name):
 
 class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
     """RecBole's training loop with the authors' recipe: AdamW with separate learning rates for the
-    backbone (``learning_rate``) and the ILP (``ilp_learning_rate``), a cosine schedule with
+    backbone (``learning_rate``) and the ILP with the item embedding of ``id_embedding`` (``ilp_learning_rate``), a cosine schedule with
     ``warmup_steps`` warm-up steps, ``gradient_accumulation_steps``, and autocast in ``mixed_precision``
     (:func:`~recbole_st2si.precision.autocast_dtype`: on a CPU, bf16 where it is native, else float32). Checkpoints hold only the trained parameters, so a frozen
     backbone is never written to disk again.
@@ -271,10 +271,10 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
             load_ilp(model, config["ilp_checkpoint"])
 
     def _build_optimizer(self, **kwargs):
-        ilp = [p for p in self.model.ilp.parameters() if p.requires_grad]
-        ilp_ids = {id(p) for p in ilp}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ilp_ids]
-        groups = [{"params": ilp, "lr": self.config["ilp_learning_rate"]}]
+        head = [p for p in self.model.head_parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": head, "lr": self.config["ilp_learning_rate"]}]
         if rest:
             groups.append({"params": rest, "lr": self.learning_rate})
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)

@@ -17,11 +17,23 @@ def top_config(make_config, tmp_path, **overrides):
     return make_config(**ilp_settings(tmp_path, **{"train_stage": "top", "top_layers": 1, **overrides}))
 
 
+def with_random_item_embedding(model):
+    """A learned item embedding that is not zero, as after training: so that it shows in every score."""
+    if model.item_embedding is not None:
+        with torch.no_grad():
+            model.item_embedding.weight[1:] = torch.randn_like(model.item_embedding.weight[1:])
+    return model
+
+
+@pytest.mark.parametrize("stage,top_layers", [("top", 1), ("ilp", 0)])
 @pytest.mark.parametrize("max_seq_tokens", [1024, 24])  # one window per history, or several
-@pytest.mark.parametrize("multi_query", [True, False])
-def test_top_layers_on_cached_states_give_the_uncached_loss_and_gradients(make_config, tmp_path, multi_query, max_seq_tokens):
-    config = top_config(make_config, tmp_path, multi_query=multi_query, max_seq_tokens=max_seq_tokens)
+@pytest.mark.parametrize("multi_query,id_embedding", [(True, False), (False, False), (True, True)])
+def test_cached_states_give_the_uncached_loss_and_gradients(make_config, tmp_path, multi_query, id_embedding, max_seq_tokens,
+                                                            stage, top_layers):
+    config = top_config(make_config, tmp_path, multi_query=multi_query, max_seq_tokens=max_seq_tokens,
+                        id_embedding=id_embedding, train_stage=stage, top_layers=top_layers)
     model, (train_data, valid_data, test_data) = build(config)
+    with_random_item_embedding(model)
     cached_train = cached_dataloaders(config, model, train_data, valid_data, test_data)[0]
     assert cached_train.sample_size == train_data.sample_size
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -36,12 +48,15 @@ def test_top_layers_on_cached_states_give_the_uncached_loss_and_gradients(make_c
         assert torch.allclose(cached, uncached, atol=1e-5)
         for cached_grad, uncached_grad in zip(cached_grads, uncached_grads):
             assert torch.allclose(cached_grad, uncached_grad, atol=1e-5)
-    assert TOKEN_STATES in cached_train.collate_fn([0])
+    assert (TOKEN_STATES if top_layers else QUERY_STATES) in cached_train.collate_fn([0])
 
 
-def test_top_layers_score_the_held_out_items_from_cached_states(make_config, tmp_path):
-    config = top_config(make_config, tmp_path)
+@pytest.mark.parametrize("stage,top_layers", [("top", 1), ("ilp", 0)])
+@pytest.mark.parametrize("id_embedding", [False, True])
+def test_cached_states_score_the_held_out_items_as_uncached(make_config, tmp_path, id_embedding, stage, top_layers):
+    config = top_config(make_config, tmp_path, id_embedding=id_embedding, train_stage=stage, top_layers=top_layers)
     model, (train_data, valid_data, test_data) = build(config)
+    with_random_item_embedding(model)
     _, cached_valid, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
     model.eval()
     with torch.no_grad():
@@ -110,3 +125,18 @@ def test_top_refuses_a_decoder_whose_layers_cannot_run_alone(make_config, tmp_pa
             (folder / name).write_bytes((tiny_backbone_dir / name).read_bytes())
     with pytest.raises(UserInputError, match="train_stage top runs the top layers on their own, which this backbone \\(gpt2\\)"):
         build(top_config(make_config, tmp_path, llm_path=str(folder)))
+
+
+def test_a_session_with_item_embeddings_ranks_as_a_fresh_history(settings, tmp_path):
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=settings(
+        **ilp_settings(tmp_path, train_stage="top", top_layers=1, id_embedding=True, epochs=1)))
+    recommender = load_recommender(result["trainer"].saved_model_file)
+    with_random_item_embedding(recommender.model)
+    history = recommender.user_history("u3")[-6:]
+    session = recommender.session(history[:-1])
+    session.add(history[-1])
+    grown, fresh = session.recommend(k=5), recommender.recommend([history], k=5)
+    assert grown.items == fresh.items and grown.scores[0] == pytest.approx(fresh.scores[0], abs=1e-4)
+    with torch.no_grad():
+        recommender.model.item_embedding.weight.zero_()
+    assert recommender.recommend([history], k=5).scores[0] != pytest.approx(fresh.scores[0], abs=1e-4)

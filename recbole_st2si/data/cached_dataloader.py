@@ -17,7 +17,14 @@ from recbole_st2si.data.dataloader import LengthBucketedBatches
 from recbole_st2si.data.windows import TrainingWindows, UserSequences, tile_windows
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import CachedStates, TokenRows, load_or_compute
-from recbole_st2si.model.st2si import QUERY_POSITIONS, QUERY_STATES, QUERY_TARGETS, TOKEN_COUNT, TOKEN_STATES
+from recbole_st2si.model.st2si import (
+    QUERY_ITEMS,
+    QUERY_POSITIONS,
+    QUERY_STATES,
+    QUERY_TARGETS,
+    TOKEN_COUNT,
+    TOKEN_STATES,
+)
 
 
 def longest(counts):
@@ -81,6 +88,7 @@ class CachedQueryTrainDataLoader(_CachedTrainDataLoader):
         states = torch.cat([self.states.history[rows], self.states.alignment[items - 1]])
         return {
             QUERY_STATES: states.float(),  # stored in 16 bits: only the batch's rows are converted
+            QUERY_ITEMS: torch.cat([sequences.items[rows + row_users], torch.zeros_like(items)]),
             self._dataset.iid_field: torch.cat([sequences.transition_items(rows, row_users), items]),
         }
 
@@ -118,6 +126,7 @@ class CachedTokenTrainDataLoader(_CachedTrainDataLoader):
             QUERY_POSITIONS: pad_columns([rows.end[transition] - first_row[:, None] - 1, prompt_tokens[:, None] - 1]),
             QUERY_TARGETS: pad_columns([torch.where(trains, sequences.transition_items(transition, users[:, None]), 0),
                                         items[:, None]]),
+            QUERY_ITEMS: pad_columns([sequences.items[transition + users[:, None]], torch.zeros_like(items)[:, None]]),
         }
 
 

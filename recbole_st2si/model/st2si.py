@@ -40,6 +40,9 @@ QUERY_POSITIONS = "query_positions"
 """``[B, L]``: in a training batch of token states, the token index of every ``[Q]``, and in
 ``QUERY_TARGETS`` the item each predicts (0: none, the query does not train)."""
 QUERY_TARGETS = "query_targets"
+QUERY_ITEMS = "query_items"
+"""In a training batch of cached states: the item whose ``[Q]`` each query is (0: an alignment
+prompt's), for ``id_embedding`` (``[N]`` with :data:`QUERY_STATES`, ``[B, L]`` with :data:`TOKEN_STATES`)."""
 PRETRAINED_ILP_LEARNING_RATE = 1e-4  # the authors' rate for ILP-only tuning after pre-training
 
 
@@ -185,6 +188,10 @@ class ST2SI(SequentialRecommender):
         if config["pretrained_backbone"]:
             load_backbone_weights(self.backbone, config["pretrained_backbone"], config["llm_path"])
         self.ilp = nn.Linear(hidden_size(self.backbone), self.n_items, bias=False)
+        self.item_embedding = None
+        if config["id_embedding"]:  # beyond the paper: starts at zero, i.e. as the text-only model
+            self.item_embedding = nn.Embedding(self.n_items, self.ilp.in_features, padding_idx=0)
+            nn.init.zeros_(self.item_embedding.weight)
         self.item_tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
 
         prompt = tokenizer.encode(config["alignment_prompt"], add_special_tokens=False)
@@ -342,11 +349,29 @@ class ST2SI(SequentialRecommender):
             best_scores, best_items = merge_top_k(best_scores, best_items, scores, start, k)
         return best_scores, best_items
 
+    def head_parameters(self):
+        """What scores a ``[Q]`` state besides the backbone: the ILP and, with ``id_embedding``, the item embedding."""
+        return [*self.ilp.parameters(), *(self.item_embedding.parameters() if self.item_embedding is not None else [])]
+
+    def with_item_ids(self, states, items):
+        """``states`` plus the learned embedding of the item whose ``[Q]`` each is (``id_embedding``,
+        beyond the paper: the ID-based transition from that item, next to what the text gives); item 0
+        adds nothing."""
+        if self.item_embedding is None:
+            return states
+        return states + self.item_embedding(items)
+
+    def query_items(self, item_seq):
+        """The item whose ``[Q]`` each slot is; 0 in the alignment samples (their ``[Q]`` names the target)."""
+        return torch.where(item_seq[:, :1] == self.prompt_item_id, 0, item_seq)
+
     # ------------------------------------------------------------------ RecBole interface
     def forward(self, item_seq, item_seq_len):
-        """Hidden state of the last ``[Q]`` of each sequence: ``[B, H]``."""
+        """The state the ILP scores after each sequence: its last ``[Q]`` (with its item's embedding
+        under ``id_embedding``): ``[B, H]``."""
         states, _ = self.query_states(item_seq, item_seq_len)
-        return self.gather_indexes(states, item_seq_len - 1)
+        last = item_seq_len - 1
+        return self.with_item_ids(self.gather_indexes(states, last), item_seq.gather(1, last[:, None]).squeeze(1))
 
     def token_states(self, interaction):
         """The last hidden states of a batch of :data:`TOKEN_STATES`, computed by the trained layers."""
@@ -355,30 +380,36 @@ class ST2SI(SequentialRecommender):
         return self.upper_states(tokens, mask.long()), count
 
     def held_out_states(self, interaction):
-        """The ``[Q]`` state after each row's history: from the frozen part computed ahead
-        (:data:`QUERY_STATES`, :data:`TOKEN_STATES`), or by the whole backbone."""
+        """The state the ILP scores after each row's history: from the frozen part computed ahead
+        (:data:`QUERY_STATES`, :data:`TOKEN_STATES`), or by the whole backbone (:meth:`forward`)."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if QUERY_STATES in interaction:
-            return interaction[QUERY_STATES]
-        if TOKEN_STATES in interaction:  # the row's last token is the [Q] before its held-out item
+            states = interaction[QUERY_STATES]
+        elif TOKEN_STATES in interaction:  # the row's last token is the [Q] before its held-out item
             hidden, count = self.token_states(interaction)
-            return hidden[torch.arange(len(hidden), device=hidden.device), count - 1]
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+            states = hidden[torch.arange(len(hidden), device=hidden.device), count - 1]
+        else:
+            return self.forward(item_seq, item_seq_len)
+        return self.with_item_ids(states, item_seq.gather(1, (item_seq_len - 1)[:, None]).squeeze(1))
 
     def calculate_loss(self, interaction):
         if QUERY_STATES in interaction:  # one state per transition, computed ahead
-            return self.ilp_loss(interaction[QUERY_STATES], interaction[self.POS_ITEM_ID])
+            states = self.with_item_ids(interaction[QUERY_STATES], interaction[QUERY_ITEMS])
+            return self.ilp_loss(states, interaction[self.POS_ITEM_ID])
         if TOKEN_STATES in interaction:  # windows of token states entering the trained layers
             hidden, _ = self.token_states(interaction)
             states = hidden.gather(1, interaction[QUERY_POSITIONS][..., None].expand(-1, -1, hidden.shape[-1]))
             targets = interaction[QUERY_TARGETS]
-            return self.ilp_loss(states[targets > 0], targets[targets > 0])
+            trains = targets > 0
+            return self.ilp_loss(self.with_item_ids(states[trains], interaction[QUERY_ITEMS][trains]), targets[trains])
         target = interaction[self.POS_ITEM_ID]
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         states, is_query = self.query_states(item_seq, item_seq_len)
         targets = self.query_targets(item_seq, item_seq_len, target)
         if not self.multi_query:
             is_query = is_query & (torch.arange(item_seq.shape[1], device=item_seq.device) == (item_seq_len - 1)[:, None])
-        return self.ilp_loss(states[is_query], targets[is_query])
+        states = self.with_item_ids(states[is_query], self.query_items(item_seq)[is_query])
+        return self.ilp_loss(states, targets[is_query])
 
     def full_sort_predict(self, interaction):
         return self.item_logits(self.held_out_states(interaction))
@@ -387,7 +418,7 @@ class ST2SI(SequentialRecommender):
         """Scores of sampled candidates (e.g. ``uni19``). RecBole repeats a user's history once per
         candidate row; each distinct history goes through the backbone once."""
         if QUERY_STATES in interaction:
-            return self.candidate_scores(interaction[QUERY_STATES], interaction[self.ITEM_ID])
+            return self.candidate_scores(self.held_out_states(interaction), interaction[self.ITEM_ID])
         if TOKEN_STATES in interaction:  # every candidate row carries its user's tokens: run each user once
             users, row_user = torch.unique(interaction[self.USER_ID], return_inverse=True)
             rows = torch.arange(len(row_user), device=row_user.device)

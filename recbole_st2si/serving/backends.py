@@ -71,7 +71,9 @@ class ST2SIBackend:
         return extend_histories(self.model, states, ids)
 
     def top_k_of_sessions(self, states, k, exclude=None):
-        return self.model.top_items(torch.stack([state.last_query_state for state in states]), k, exclude)
+        last_items = torch.tensor([state.items[-1] for state in states], device=self.model.device)
+        query_states = torch.stack([state.last_query_state for state in states])
+        return self.model.top_items(self.model.with_item_ids(query_states, last_items), k, exclude)
 
 
 def backend_for(model, precision):
