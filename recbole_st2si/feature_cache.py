@@ -37,6 +37,7 @@ A cache grows with the data (``H`` values per transition, or per token), so it i
   the same length-sorted batches into the same file, so the file is the one a single process writes.
 """
 
+import copy
 import fcntl
 import hashlib
 from dataclasses import asdict, dataclass
@@ -191,24 +192,68 @@ def _cache_key(model, sequences: UserSequences, dtype, storage):
     return digest.hexdigest()[:32]
 
 
+class FrozenPass:
+    """The frozen part of a model's backbone, prepared for one long pass: its weights converted to the
+    pass's precision once (autocast casts every weight again at every call), and compiled
+    (``torch.compile``, dynamic shapes) where that pays for its compile time. Called like
+    :meth:`~recbole_st2si.model.st2si.ST2SI.frozen_states`."""
+
+    def __init__(self, model, dtype, compiled=False):
+        decoder = model.lower_decoder
+        if dtype != torch.float32:
+            decoder = copy.deepcopy(decoder).to(dtype)
+        self.model, self.decoder = model, decoder
+        self.compiled = torch.compile(decoder, dynamic=True) if compiled else None
+
+    def __call__(self, item_seq, item_seq_len):
+        if self.compiled is not None:
+            try:
+                return self.model.frozen_states(item_seq, item_seq_len, self.compiled)
+            except Exception as error:  # an optimisation only: no compiler, an unsupported operation, ...
+                getLogger().warning(f"feature cache: the compiled pass failed ({type(error).__name__}: "
+                                    f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                                    "it runs uncompiled (feature_cache_compile: False skips the attempt)")
+                self.compiled = None
+        return self.model.frozen_states(item_seq, item_seq_len, self.decoder)
+
+
+COMPILE_MIN_TOKENS = 400_000  # placeholder until measured
+
+
+def compile_pass(config, pass_tokens):
+    """Whether to compile the frozen pass: ``feature_cache_compile``, where ``auto`` compiles a pass of
+    at least ``COMPILE_MIN_TOKENS`` tokens, below which the compile time costs more than it saves."""
+    setting = config["feature_cache_compile"]
+    return pass_tokens >= COMPILE_MIN_TOKENS if setting == "auto" else bool(setting)
+
+
+def token_budget_batches(tokens, budget):
+    """Batches of sequence indices, shortest first, each as many sequences as fit ``budget`` padded
+    tokens (at least one): short histories run many at a time, long ones few, so every matrix product
+    has about the same size and little goes to padding."""
+    order = torch.argsort(tokens, stable=True)
+    batches, start = [], 0
+    for end, longest in enumerate(tokens[order].tolist(), 1):
+        if (end - start) * longest > budget and end - 1 > start:
+            batches.append(order[start : end - 1])
+            start = end - 1
+    return batches + ([order[start:]] if start < len(order) else [])
+
+
 @torch.inference_mode()
-def encoded_batches(encode, device, segment_len, seq, seq_len, batch_size, dtype, desc, rank=0, world=1):
-    """Yield ``(rows, states)``: ``encode(item_seq, item_seq_len)`` (float32, on the CPU) of batches of sequences.
-
-    Batches hold sequences of similar token counts, so little compute goes to padding. Of ``world``
-    processes, rank ``r`` encodes batches ``r, r + world, ...``: every batch holds the same sequences
-    as in one process, so each state is computed exactly as there."""
-    order = torch.argsort(segment_len[seq].sum(1))
-    starts = range(rank * batch_size, len(seq), world * batch_size)
-    for start in tqdm(starts, desc=desc, ncols=100, disable=rank != 0):
-        rows = order[start : start + batch_size]
+def encoded_batches(encode, segment_len, seq, seq_len, batch_tokens, desc, rank=0, world=1):
+    """Yield ``(rows, states)``: ``encode(item_seq, item_seq_len)`` (float32, on the CPU) of batches of
+    sequences of similar token counts (:func:`token_budget_batches`). Of ``world`` processes, rank ``r``
+    encodes batches ``r, r + world, ...``: every batch holds the same sequences as in one process, so
+    each state is computed exactly as there."""
+    batches = token_budget_batches(segment_len[seq].sum(1), batch_tokens)
+    device = encode.model.device
+    for rows in tqdm(batches[rank::world], desc=desc, ncols=100, disable=rank != 0):
         width = int(seq_len[rows].max())
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            states = encode(seq[rows, :width].to(device), seq_len[rows].to(device))
-        yield rows, states.float().cpu()
+        yield rows, encode(seq[rows, :width].to(device), seq_len[rows].to(device)).float().cpu()
 
 
-def write_states(model, sequences: UserSequences, states: CachedStates, batch_size, dtype, rank=0, world=1):
+def write_states(model, sequences: UserSequences, states: CachedStates, batch_tokens, frozen_pass, rank=0, world=1):
     """Run the frozen part of the backbone over the tiled windows of every history and the alignment
     prompts (rank ``rank`` of ``world`` processes: its share, see :func:`encoded_batches`), and write
     what the cache holds (:class:`CachedStates`), rounded to its storage precision."""
@@ -224,8 +269,7 @@ def write_states(model, sequences: UserSequences, states: CachedStates, batch_si
     prompts = torch.stack([torch.full_like(items, model.prompt_item_id), items], dim=1)
 
     def encode(inputs, input_lengths, desc):
-        return encoded_batches(model.frozen_states, model.device, segment_len, inputs, input_lengths, batch_size,
-                               dtype, desc, rank, world)
+        return encoded_batches(frozen_pass, segment_len, inputs, input_lengths, batch_tokens, desc, rank, world)
 
     storage = states.history.dtype
     if model.trained_layers:  # every token of every window and prompt
@@ -281,7 +325,9 @@ def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
     group = BuildGroup.of_run(config)
 
     def encode_share(temporary):
-        write_states(model, sequences, layout.map(temporary, writable=True), config["feature_batch_size"], dtype,
+        pass_tokens = int(model.segment_len.cpu()[sequences.items].sum())
+        frozen_pass = FrozenPass(model, dtype, compiled=compile_pass(config, pass_tokens))
+        write_states(model, sequences, layout.map(temporary, writable=True), config["feature_batch_tokens"], frozen_pass,
                      group.rank, group.size)
 
     if group.rank != 0:

@@ -34,7 +34,7 @@ RANGES = {
     "epochs": (1, True, None, True),
     "train_batch_size": (1, True, None, True),
     "eval_batch_size": (1, True, None, True),
-    "feature_batch_size": (1, True, None, True),
+    "feature_batch_tokens": (1, True, None, True),
     "gradient_accumulation_steps": (1, True, None, True),
     "stopping_step": (1, True, None, True),
     "warmup_steps": (0, True, None, True),
@@ -70,6 +70,7 @@ CHOICES = {
         "mixed_precision": ("bf16", "fp16", "no"),
         "feature_cache_dtype": ("auto", "bf16", "fp32"),
         "feature_cache_storage": ("bf16", "fp32"),
+        "feature_cache_compile": ("auto", True, False),
     },
 }
 
@@ -205,7 +206,7 @@ def value_problems(config, model_class):
             problems.append(f"{name} must be True or False, got {config[name]!r}")
     for name, choices in sorted(model_rules(CHOICES, model_class).items()):
         if config[name] not in choices:
-            problems.append(f"{name} must be one of {', '.join(choices)}, got {config[name]!r}")
+            problems.append(f"{name} must be one of {', '.join(map(str, choices))}, got {config[name]!r}")
     return problems
 
 

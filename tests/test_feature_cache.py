@@ -29,7 +29,7 @@ def rss_anon_bytes():
 def test_stored_states_are_the_float32_pass_rounded_to_bfloat16(make_config, tmp_path):
     """Each window and prompt encoded on its own (batches of one, as the reference runs them): the
     stored states are bitwise the float32 states rounded to bfloat16, two bytes each in the file."""
-    config = ilp_config(make_config, tmp_path, feature_cache_storage="bf16", feature_batch_size=1)
+    config = ilp_config(make_config, tmp_path, feature_cache_storage="bf16", feature_batch_tokens=1)
     model, loaders = build(config)
     sequences = loaders[0].windows.sequences
     features = load_or_compute(config, model, sequences)
@@ -108,13 +108,13 @@ def recording_encoded_windows(record_file):
     """Make ST2SI's frozen pass record every sequence it encodes (its items), into ``record_file``
     when the process's run ends."""
     encoded = []
-    query_states = ST2SI.query_states
+    frozen_states = ST2SI.frozen_states
 
-    def recording(model, item_seq, item_seq_len):
+    def recording(model, item_seq, item_seq_len, decoder=None):
         encoded.extend(row[:length] for row, length in zip(item_seq.tolist(), item_seq_len.tolist()))
-        return query_states(model, item_seq, item_seq_len)
+        return frozen_states(model, item_seq, item_seq_len, decoder)
 
-    ST2SI.query_states = recording
+    ST2SI.frozen_states = recording
     return lambda: Path(record_file).write_text(json.dumps(encoded))
 
 
@@ -128,7 +128,7 @@ def recording_rank(local_rank, record_dir, *run_rank_args):
 
 def test_two_gloo_processes_build_the_cache_of_one_process_each_encoding_its_share(settings, make_config, tmp_path):
     entries = ilp_settings(tmp_path, feature_cache_dir=str(tmp_path / "ddp"), feature_cache_dtype="auto",
-                           feature_cache_storage="bf16", feature_batch_size=4)
+                           feature_cache_storage="bf16", feature_batch_tokens=100)
     distributed = {**settings(**entries), **distributed_settings(nproc=2, port=free_port())}
     result = spawn_ranks(recording_rank, 2, str(tmp_path), "ST2SI", "tiny", None, distributed, True)
     assert result["test_result"]["hit@10"] > 0  # the ranks trained and tested on the shared cache

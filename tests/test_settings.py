@@ -41,7 +41,7 @@ BASELINES = ["SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec"]
         ({"topk": [0]}, "topk must be a positive integer"),
         ({"ilp_chunk_size": -1}, "ilp_chunk_size must be an integer >= 0, got -1"),
         ({"ilp_chunk_size": 1.5}, "ilp_chunk_size must be an integer >= 0, got 1.5"),
-        ({"feature_batch_size": 0}, "feature_batch_size must be an integer >= 1, got 0"),
+        ({"feature_batch_tokens": 0}, "feature_batch_tokens must be an integer >= 1, got 0"),
     ],
 )
 def test_each_bad_setting_is_one_clear_line(make_config, entries, message):

@@ -109,6 +109,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_features.to(states.dtype), grad_rows.to(weight.dtype), None, None
 
 
+def gather_queries(hidden, query_pos):
+    """``[B, L, H]``: the hidden states ``[B, S, H]`` at each ``[Q]`` (``query_pos``, ``[B, L]``; -1: none)."""
+    return hidden.gather(1, query_pos.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 def merge_top_k(best_scores, best_items, scores, first_item, k):
     """Fold one chunk of scores (items ``first_item ..``) into a running top-k."""
     items = torch.arange(first_item, first_item + scores.shape[1], device=scores.device).expand_as(scores)
@@ -293,17 +298,17 @@ class ST2SI(SequentialRecommender):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.upper_decoder is None):
             hidden = self.lower_decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         hidden = self.upper_states(hidden.last_hidden_state, attention_mask, position_ids)
-        states = hidden.gather(1, query_pos.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
-        return states, kept & (item_seq != self.prompt_item_id)
+        return gather_queries(hidden, query_pos), kept & (item_seq != self.prompt_item_id)
 
-    def frozen_states(self, item_seq, item_seq_len):
+    def frozen_states(self, item_seq, item_seq_len, decoder=None):
         """What the frozen part of the backbone computes, as the feature cache stores it: with trained
         top layers, the states entering the first of them for every token (``[B, S, H]``); without,
-        the last hidden state at every ``[Q]`` (``[B, L, H]``)."""
-        if not self.trained_layers:
-            return self.query_states(item_seq, item_seq_len)[0]
-        input_ids, attention_mask, position_ids, _, _ = self.assemble_inputs(item_seq, item_seq_len)
-        return self.lower_decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        the last hidden state at every ``[Q]`` (``[B, L, H]``). ``decoder``: the frozen part to run
+        (a copy prepared for a long pass, see :class:`~recbole_st2si.feature_cache.FrozenPass`)."""
+        input_ids, attention_mask, position_ids, query_pos, _ = self.assemble_inputs(item_seq, item_seq_len)
+        decoder = decoder or self.lower_decoder
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return hidden if self.trained_layers else gather_queries(hidden, query_pos)
 
     def upper_states(self, hidden, attention_mask, position_ids=None):
         """The last hidden states from the states entering the first trained layer (``top``); for
@@ -398,7 +403,7 @@ class ST2SI(SequentialRecommender):
             return self.ilp_loss(states, interaction[self.POS_ITEM_ID])
         if TOKEN_STATES in interaction:  # windows of token states entering the trained layers
             hidden, _ = self.token_states(interaction)
-            states = hidden.gather(1, interaction[QUERY_POSITIONS][..., None].expand(-1, -1, hidden.shape[-1]))
+            states = gather_queries(hidden, interaction[QUERY_POSITIONS])
             targets = interaction[QUERY_TARGETS]
             trains = targets > 0
             return self.ilp_loss(self.with_item_ids(states[trains], interaction[QUERY_ITEMS][trains]), targets[trains])
