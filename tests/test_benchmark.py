@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recbole_st2si import benchmark
+from recbole_st2si import benchmark, run_records
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -185,7 +185,7 @@ def test_jobs_run_side_by_side_and_keep_the_order(tmp_path, monkeypatch):
     args, _, results_dir, requests = benchmark.make_plan(argv)
     records = benchmark.run_all(requests, results_dir, args)
     assert [record["request"]["variant"] for record in records] == ["SASRec", "GRU4Rec"]
-    threads = str(max(1, benchmark.usable_cores() // 2))
+    threads = str(max(1, run_records.usable_cores() // 2))
     assert [env["OMP_NUM_THREADS"] for env in worker_envs] == [threads, threads]
 
 
@@ -198,7 +198,7 @@ def test_side_by_side_progress_lines_stay_whole(tmp_path, monkeypatch):
     args, _, results_dir, requests = benchmark.make_plan(argv)
     for request in requests:
         record_file = results_dir / "runs" / f"{benchmark.run_name(request)}.json"
-        benchmark.write_json({"status": "ok", "request": request}, record_file)
+        run_records.write_json({"status": "ok", "request": request}, record_file)
     benchmark.run_all(requests, results_dir, args)
     skipped = "finished before, skipped (--rerun runs it again)"
     assert sorted(writes) == [f"GRU4Rec-seed2020: {skipped}\n", f"SASRec-seed2020: {skipped}\n"]
@@ -274,7 +274,7 @@ def test_times_are_averaged_only_over_runs_on_one_machine(tmp_path):
 
 
 def test_a_run_resumed_on_another_machine_shows_no_time(tmp_path):
-    moved = {**fake_run("S3Rec", 1, 0.3), "hardware": f"GPU: test{benchmark.ATTEMPTS_SEPARATOR}CPU: test"}
+    moved = {**fake_run("S3Rec", 1, 0.3), "hardware": f"GPU: test{run_records.ATTEMPTS_SEPARATOR}CPU: test"}
     stayed = [{**fake_run("SASRec", seed, 0.1), "hardware": "CPU: test; GPU: none"} for seed in (1, 2)]
     s3rec, sasrec = benchmark.write_report(tmp_path, [moved, *stayed], benchmark.PROTOCOLS["full"], "command", "tiny")
     assert s3rec["ndcg@10_mean"] == pytest.approx(0.3) and s3rec["epochs_mean"] == pytest.approx(1.0)
