@@ -131,7 +131,6 @@ def test_two_gloo_processes_build_the_cache_of_one_process_each_encoding_its_sha
                            feature_cache_storage="bf16", feature_batch_size=4)
     distributed = {**settings(**entries), **distributed_settings(nproc=2, port=free_port())}
     result = spawn_ranks(recording_rank, 2, str(tmp_path), "ST2SI", "tiny", None, distributed, True)
-    assert result["test_result"]["hit@10"] > 0  # the ranks trained and tested on the shared cache
     encoded = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     config = make_config(**{**entries, "feature_cache_dir": str(tmp_path / "single")})
