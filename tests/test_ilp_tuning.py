@@ -245,6 +245,20 @@ def test_pretrain_then_transfer_with_a_fresh_ilp(make_config, settings, tmp_path
     assert target["ilp_learning_rate"] == pytest.approx(1e-4)  # the authors' ILP rate after pre-training
 
 
+def test_pretraining_saves_the_backbone_beside_its_checkpoint_by_default(make_config, settings, tmp_path):
+    """Without ``pretrained_backbone_dir`` the backbone goes to ``<checkpoint>-backbone``, and
+    ``pretrained_backbone`` loads it into a new run's model in place of ``llm_path``'s weights."""
+    pretrain = settings(train_stage="pretrain", epochs=1, learning_rate=1e-3, warmup_steps=0)
+    result = run_recbole_st2si("ST2SI", "tiny", config_dict=pretrain, checkpoint_file=tmp_path / "source.pth")
+    pretrained = result["trainer"].model.backbone.state_dict()
+    loaded = build(ilp_config(make_config, tmp_path, pretrained_backbone=str(tmp_path / "source-backbone")))[0]
+    initial = build(ilp_config(make_config, tmp_path))[0]
+    assert loaded.backbone.state_dict().keys() == pretrained.keys()
+    for name, weight in pretrained.items():
+        assert torch.equal(loaded.backbone.state_dict()[name], weight), name
+    assert not all(torch.equal(initial.backbone.state_dict()[name], weight) for name, weight in pretrained.items())
+
+
 def test_pretrained_backbone_of_another_architecture_is_refused(make_config, tmp_path):
     backbone_dir = tmp_path / "other"
     model, _ = build(make_config(llm_path="tiny-random"))
