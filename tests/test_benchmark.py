@@ -14,6 +14,8 @@ import torch
 
 from recbole_st2si import benchmark, run_records
 
+from .conftest import without_colours
+
 DATA_DIR = Path(__file__).parent / "data"
 
 SMALL_S3REC = ["--S3Rec.item_attribute=brand", "--S3Rec.hidden_size=8", "--S3Rec.inner_size=16", "--S3Rec.n_layers=1"]
@@ -37,7 +39,7 @@ def common(tiny_backbone_dir, tmp_path_factory):
 def logged_test_result(log_file):
     """The test metrics of a run's log: RecBole's last ``test result`` line (S3Rec's pre-training
     states one first), its colour codes removed."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log_file.read_text())
+    text = without_colours(log_file.read_text())
     stated = re.findall(r"test result\s*: (\{.*\})", text)
     assert stated, text[-2000:]
     return ast.literal_eval(stated[-1])
