@@ -59,7 +59,8 @@ def test_a_second_text_model_is_found_by_its_name(settings, monkeypatch, tmp_pat
     monkeypatch.setattr(plugin_config, "MODEL_DEFAULTS_DIR", tmp_path)
 
     assert get_model("Echo") is Echo and get_model("SASRec") is SASRec
-    result = run_recbole_st2si("Echo", "tiny", config_dict=settings(train_stage="auto"))
+    auto = settings(train_stage="auto", feature_cache_dir=str(tmp_path / "cache"))  # not the checkout's saved/
+    result = run_recbole_st2si("Echo", "tiny", config_dict=auto)
     assert result["config"]["train_stage"] == "ilp"  # the auto rule ran for the new model too
     assert type(result["trainer"]) is EchoTrainer and isinstance(result["trainer"].model, Echo)
     sasrec = run_recbole_st2si("SASRec", "tiny", config_dict=settings(), saved=False)
