@@ -25,7 +25,6 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from recbole_st2si.command_line import parse_overrides, split_list
 from recbole_st2si.errors import UserInputError
+from recbole_st2si.run_records import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, usable_cores, write_json
 from recbole_st2si.safe_io import atomic_file, write_text
 
 DEFAULT_MODELS = ("ST2SI", "SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "S3Rec")
@@ -50,7 +50,6 @@ RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that co
 }
 EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epochs")
 TIME_COLUMNS = ("train_time_s", "total_time_s")
-ATTEMPTS_SEPARATOR = "; then "  # joins the machines of a run resumed elsewhere, in its record's "hardware"
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
 LOG_TAIL_LINES = 40
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -272,18 +271,6 @@ def run_name(request):
     return f"{request['variant']}-seed{request['seed']}"
 
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(record, path):
-    """Write atomically, so an interrupted benchmark never leaves a half-written file behind."""
-    write_text(path, json.dumps(record, indent=2))
-
-
 def report_progress(line):
     """One write per line: ``print`` writes the text and its newline apart, and side-by-side runs
     (``--jobs``) then ran their lines together."""
@@ -457,31 +444,6 @@ def markdown_table(rows, columns):
         status = row["status"] + (f" ({row['failed_logs']})" if row["failed_logs"] else "")
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['seeds']} | {status} |")
     return "\n".join(lines)
-
-
-def now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def hardware_summary():
-    """The machine a run trained on, for the report (runs may come from several invocations)."""
-    cores = usable_cores()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"CPU: {cpu_model()} ({cores} cores, {torch.get_num_threads()} torch threads); GPU: {gpu}"
 
 
 def library_versions():

@@ -17,9 +17,9 @@ from pathlib import Path
 import recbole
 import yaml
 
-from recbole_st2si.benchmark import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, write_json
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.run_records import ATTEMPTS_SEPARATOR, hardware_summary, now, read_json, write_json
 from recbole_st2si.safe_io import DamagedFileError, load_checked
 from recbole_st2si.run_files import RunFiles
 from recbole_st2si.utils import create_config

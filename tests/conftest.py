@@ -1,6 +1,7 @@
 """Shared fixtures: the checked-in tiny dataset and a tiny backbone built in-process."""
 
 import os
+import re
 
 # Tests never reach a model hub: without this a Hugging Face id that is not cached is retried
 # against the network with back-off (minutes where connections hang instead of failing). Set
@@ -19,6 +20,11 @@ from recbole_st2si.utils import create_config
 
 DATA_DIR = Path(__file__).parent / "data"
 PROMPT_WORDS = "Please give the index of following item :".split()
+
+
+def without_colours(log_text):
+    """A log as it reads: RecBole colours some words of its lines with terminal escape codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", log_text)
 
 
 def _vocabulary():

@@ -20,6 +20,7 @@ from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import get_model
 
 from .conftest import DATA_DIR
+from .test_cli import parse_test_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,8 @@ def test_a_second_text_model_is_found_by_its_name(settings, monkeypatch, tmp_pat
     monkeypatch.setattr(plugin_config, "MODEL_DEFAULTS_DIR", tmp_path)
 
     assert get_model("Echo") is Echo and get_model("SASRec") is SASRec
-    result = run_recbole_st2si("Echo", "tiny", config_dict=settings(train_stage="auto"))
+    auto = settings(train_stage="auto", feature_cache_dir=str(tmp_path / "cache"))  # not the checkout's saved/
+    result = run_recbole_st2si("Echo", "tiny", config_dict=auto)
     assert result["config"]["train_stage"] == "ilp"  # the auto rule ran for the new model too
     assert type(result["trainer"]) is EchoTrainer and isinstance(result["trainer"].model, Echo)
     sasrec = run_recbole_st2si("SASRec", "tiny", config_dict=settings(), saved=False)
@@ -132,9 +134,14 @@ def test_a_non_editable_install_keeps_the_defaults(wheel, tmp_path):
     assert paths.split() == [str(package / "config.py"), str(package / "properties" / "overall.yaml"),
                              str(package / "properties" / "model" / "ST2SI.yaml"), str(package / "dataset_configs")]
     assert text_fields == "['movie_title']"  # dataset_configs/ml-100k.yaml
-    command = [sys.executable, str(script), "--dataset=tiny", f"--data_path={DATA_DIR}", "--llm_path=tiny-random",
-               "--epochs=1", f"--checkpoint_dir={work}", "--show_progress=False", "--MAX_ITEM_LIST_LENGTH=10"]
+    settings = {"data_path": str(DATA_DIR), "llm_path": "tiny-random", "epochs": 1, "MAX_ITEM_LIST_LENGTH": 10}
+    command = [sys.executable, str(script), "--dataset=tiny", *(f"--{key}={value}" for key, value in settings.items()),
+               f"--checkpoint_dir={work}", "--show_progress=False"]
     result = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test result: {'recall@10'" in result.stdout  # overall.yaml's metrics
     assert list(work.glob("ST2SI-*-ilp.pth"))  # ST2SI.yaml's train_stage: auto -> ilp on CPU
+    checkout = run_recbole_st2si("ST2SI", "tiny", config_dict={
+        **settings, "checkpoint_dir": str(tmp_path / "checkout"), "feature_cache_dir": str(tmp_path / "cache"),
+        "show_progress": False,
+    })
+    assert parse_test_results(result.stdout) == checkout["test_result"]  # the checkout's defaults, metrics included

@@ -1,6 +1,8 @@
 """The feature cache's storage: 16-bit states in a memory-mapped file, and one build shared by DDP ranks."""
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_rank, run_recbole_st2si
 from recbole_st2si.safe_io import load_checked
 
+from .conftest import DATA_DIR, without_colours
+from .test_cli import ROOT, parse_test_results
 from .test_distributed import free_port
 from .test_ilp_tuning import build, ilp_config, ilp_settings
 
@@ -131,7 +135,6 @@ def test_two_gloo_processes_build_the_cache_of_one_process_each_encoding_its_sha
                            feature_cache_storage="bf16", feature_batch_tokens=100)
     distributed = {**settings(**entries), **distributed_settings(nproc=2, port=free_port())}
     result = spawn_ranks(recording_rank, 2, str(tmp_path), "ST2SI", "tiny", None, distributed, True)
-    assert result["test_result"]["hit@10"] > 0  # the ranks trained and tested on the shared cache
     encoded = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     config = make_config(**{**entries, "feature_cache_dir": str(tmp_path / "single")})
@@ -154,3 +157,29 @@ def test_two_gloo_processes_build_the_cache_of_one_process_each_encoding_its_sha
     again = spawn_ranks(recording_rank, 2, str(tmp_path), "ST2SI", "tiny", None, distributed, True)
     assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [[], []], "reused"
     assert again["test_result"] == result["test_result"]
+
+
+def test_two_runs_started_together_on_one_cache_folder_build_it_once(tiny_backbone_dir, tmp_path):
+    """Two independent processes race for the same cache: the file lock lets one encode while the
+    other waits and then reads its file, so both train and test on the same states."""
+    cache = tmp_path / "cache"
+    command = [sys.executable, str(ROOT / "run_recbole_st2si.py"), "--model=ST2SI", "--dataset=tiny",
+               f"--data_path={DATA_DIR}", f"--llm_path={tiny_backbone_dir}", "--train_stage=ilp",
+               f"--feature_cache_dir={cache}", "--epochs=1", "--show_progress=False"]
+    runs = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "output.log", "w") as output:  # a file, not a pipe that a waiting run could fill
+            process = subprocess.Popen([*command, f"--checkpoint_dir={folder}"], cwd=folder, stdout=output,
+                                       stderr=subprocess.STDOUT, text=True)
+        runs.append((process, folder / "output.log"))
+    logs = []
+    for process, log in runs:
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        logs.append(without_colours(log.read_text()))
+    built = ["feature cache: encoding" in log for log in logs]
+    reused = ["feature cache: reusing" in log for log in logs]
+    assert sorted(built) == [False, True] and reused == [not flag for flag in built]
+    assert parse_test_results(logs[0]) == parse_test_results(logs[1])
+    assert len(list(cache.glob("*.states"))) == 1 and len(list(cache.glob("*.pt"))) == 1

@@ -299,10 +299,12 @@ def test_cli_prints_item_id_title_and_score(saved_runs):
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert output[0] == "item_id\ttitle\tscore" and len(output) == 4
-    for line in output[1:]:
-        item, title, score = line.split("\t")
-        assert title == titles[item] and item not in tiny_histories()["u1"]
-        float(score)
+    _, trained, config = saved_runs["SASRec"]
+    (expected_items,), (expected_scores,) = reference_top_k(trained, config, [tiny_histories()["u1"]], 3, True)
+    rows = [line.split("\t") for line in output[1:]]
+    assert [item for item, _, _ in rows] == expected_items
+    assert [title for _, title, _ in rows] == [titles[item] for item in expected_items]
+    assert [float(score) for _, _, score in rows] == pytest.approx(expected_scores, abs=1e-4)
 
 
 @pytest.mark.parametrize("max_seq_tokens", [1024, 24])

@@ -10,6 +10,7 @@ from recbole_st2si.backbone import load_tokenizer
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.model import ST2SI
 from recbole_st2si.quick_start import run_recbole_st2si
+from recbole_st2si.trainer import ST2SITrainer
 from recbole_st2si.utils import create_dataset, data_preparation
 
 from .conftest import DATA_DIR
@@ -290,6 +291,49 @@ def test_ilp_stage_trains_only_the_projection(make_config):
     assert trainable == {"ilp.weight"}
     model.train()
     assert not model.backbone.training
+
+
+def first_step_gradient(config):
+    """One epoch of ST2SI's trainer (ILP only, one batch per step): the ILP's initial weight, the
+    first batch, and the gradient the optimizer's first step is handed."""
+    model, train_data, _, _ = build(config)
+    trainer = ST2SITrainer(config, model)
+    initial = model.ilp.weight.detach().clone()
+    batches, gradients = [], []
+    calculate_loss = model.calculate_loss
+
+    def recording_loss(interaction):
+        batches.append(interaction)
+        return calculate_loss(interaction)
+
+    model.calculate_loss = recording_loss
+    trainer.optimizer.register_step_pre_hook(lambda *_: gradients.append(model.ilp.weight.grad.clone()))
+    trainer.fit(train_data, saved=False)
+    del model.calculate_loss  # the class's again
+    return model, initial, batches[0], gradients[0]
+
+
+def unclipped_gradient(model, weight, batch):
+    """The ILP's gradient of the batch's loss at ``weight``, computed apart from the trainer."""
+    model.ilp.weight.data.copy_(weight)
+    model.zero_grad()
+    model.calculate_loss(batch).backward()
+    return model.ilp.weight.grad.clone()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, None])
+def test_the_optimizer_steps_on_the_gradient_clipped_to_max_norm(make_config, max_norm):
+    """``clip_grad_norm: {max_norm: m}`` scales a gradient of norm n > m by m / (n + 1e-6), as
+    ``torch.nn.utils.clip_grad_norm_`` defines it; without the setting the gradient is left as it is."""
+    clipping = {"clip_grad_norm": {"max_norm": max_norm}} if max_norm else {}
+    config = make_config(train_stage="ilp", feature_cache=False, gradient_accumulation_steps=1, warmup_steps=0,
+                         **clipping)
+    model, initial, batch, stepped = first_step_gradient(config)
+    gradient = unclipped_gradient(model, initial, batch)
+    norm = float(gradient.norm())
+    assert norm > 100 * 1e-3  # so that clipping to 1e-3 changes it
+    expected = gradient * (max_norm / (norm + 1e-6)) if max_norm else gradient
+    assert torch.allclose(stepped, expected, rtol=1e-5, atol=1e-12)
 
 
 def test_a_resumed_run_continues_the_learning_rate_schedule(settings, tmp_path):

@@ -24,6 +24,8 @@ from recbole_st2si.tuning import (
 from recbole_st2si.command_line import parse_overrides
 from recbole_st2si.utils import create_config
 
+from .test_cli import parse_test_results
+
 DATA_DIR = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
 TEST_METRICS = ["test_recall@10", "test_ndcg@10", "test_mrr@10", "test_hit@10"]
@@ -203,4 +205,6 @@ def test_sasrec_trials_from_the_command_line_and_rerun_of_best_yaml(run_hyper, t
     argv = ["--model=SASRec", "--dataset=tiny", best, f"--checkpoint_dir={tmp_path}", "--show_progress=False"]
     monkeypatch.setattr(sys, "argv", ["run_recbole_st2si.py", *argv])
     rerun()
-    assert "test result: {'recall@10'" in capsys.readouterr().out
+    best_trial = read_table(output_dir)[0]
+    printed = {f"test_{name}": value for name, value in parse_test_results(capsys.readouterr().out).items()}
+    assert printed == {name: float(best_trial[name]) for name in TEST_METRICS}  # the best trial, run again
