@@ -59,11 +59,28 @@ def test_cached_states_score_the_held_out_items_as_uncached(make_config, tmp_pat
     with_random_item_embedding(model)
     _, cached_valid, cached_test = cached_dataloaders(config, model, train_data, valid_data, test_data)
     model.eval()
-    with torch.no_grad():
-        for plain, cached in ((valid_data, cached_valid), (test_data, cached_test)):
-            for plain_batch, cached_batch in zip(plain, cached):
-                assert torch.allclose(model.full_sort_predict(cached_batch[0]), model.full_sort_predict(plain_batch[0]),
-                                      atol=1e-4)
+    for plain, cached in ((valid_data, cached_valid), (test_data, cached_test)):
+        scores = [scores_by_user(model, loader) for loader in (plain, cached)]
+        assert scores[0].keys() == scores[1].keys() and len(scores[0]) == len(plain.dataset)
+        for user, uncached in scores[0].items():
+            assert torch.allclose(scores[1][user], uncached, atol=1e-4)
+
+
+@torch.no_grad()
+def scores_by_user(model, loader):
+    """{user: full-ranking scores} over an evaluation loader, whatever order its rows come in."""
+    scores = {}
+    for interaction, *_ in loader:
+        scores.update(zip(interaction[model.USER_ID].tolist(), model.full_sort_predict(interaction)))
+    return scores
+
+
+def test_evaluation_batches_hold_rows_of_similar_length(make_config, tmp_path):
+    config = top_config(make_config, tmp_path, max_seq_tokens=60)
+    model, loaders = build(config)
+    cached_test = cached_dataloaders(config, model, *loaders)[2]
+    counts = [batch[0]["token_count"].tolist() for batch in cached_test]
+    assert [count for batch in counts for count in batch] == sorted(count for batch in counts for count in batch)
 
 
 def test_only_the_top_layers_norm_and_ilp_train(make_config, tmp_path):

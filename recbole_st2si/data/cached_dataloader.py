@@ -142,6 +142,9 @@ class HeldOutQueries:
     def fields(self, users):
         return {QUERY_STATES: self.by_user[users]}
 
+    def row_tokens(self, users):
+        return None  # one state per row: no padding to save
+
 
 class HeldOutTokens:
     """For ``top``: by user id, the token rows of the user's tiled window up to the ``[Q]`` that
@@ -164,12 +167,17 @@ class HeldOutTokens:
         return {TOKEN_STATES: gather_tokens(self.table, self.first_row[users], self.count[users]),
                 TOKEN_COUNT: self.count[users]}
 
+    def row_tokens(self, users):
+        """The tokens each row's batch entry will hold, so that rows of similar length are evaluated together."""
+        return self.count[users]
+
 
 class _CachedEvalMixin:
     """Adds each row's user's cached held-out states to the batches of a RecBole evaluation loader."""
 
     def __init__(self, config, dataset, sampler, held_out):
         self.held_out = held_out
+        self.sample_tokens = None
         super().__init__(config, dataset, sampler, shuffle=False)
 
     def collate_fn(self, index):
@@ -178,8 +186,14 @@ class _CachedEvalMixin:
         return (interaction, *positions)
 
 
-class CachedFullSortEvalDataLoader(_CachedEvalMixin, FullSortEvalDataLoader):
-    """RecBole's full-sort evaluation, with each user's cached held-out states added to the batch."""
+class CachedFullSortEvalDataLoader(_CachedEvalMixin, LengthBucketedBatches, FullSortEvalDataLoader):
+    """RecBole's full-sort evaluation, with each user's cached held-out states added to the batch;
+    with token states, rows of similar length are batched together (the metrics average over rows,
+    whatever their order)."""
+
+    def __init__(self, config, dataset, sampler, held_out):
+        super().__init__(config, dataset, sampler, held_out)
+        self.sample_tokens = held_out.row_tokens(dataset.inter_feat[dataset.uid_field])
 
 
 class CachedNegSampleEvalDataLoader(_CachedEvalMixin, NegSampleEvalDataLoader):

@@ -28,7 +28,7 @@ class LengthBucketedBatches:
 
     Each epoch the samples are shuffled with the loader's generator, cut into chunks of
     ``BUCKET_BATCHES`` batches, sorted by token count within a chunk and split into batches, whose
-    order is shuffled again. A loader sets ``sample_tokens`` before this class's ``__init__`` runs
+    order is shuffled again; a loader that does not shuffle (evaluation) sorts all its samples. A loader sets ``sample_tokens`` before this class's ``__init__`` runs
     (``None``: plain shuffling, for samples whose length is drawn per epoch). In a distributed run
     every rank builds the same batches and takes every ``world_size``-th, the list padded with its
     first batches to a multiple, as ``DistributedSampler`` pads its indices.
@@ -40,7 +40,7 @@ class LengthBucketedBatches:
         tokens = self.sample_tokens
         order = torch.randperm(len(tokens), generator=self.generator) if self.shuffle else torch.arange(len(tokens))
         batches = []
-        for chunk in order.split(self.step * self.BUCKET_BATCHES):
+        for chunk in order.split(self.step * self.BUCKET_BATCHES if self.shuffle else max(len(order), 1)):
             batches += chunk[torch.argsort(tokens[chunk], stable=True)].split(self.step)
         if self.shuffle:
             batches = [batches[index] for index in torch.randperm(len(batches), generator=self.generator)]
