@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -48,8 +49,8 @@ RESERVED_KEYS = {  # settings the benchmark sets itself, with the option that co
     "pretrain_epochs": "--s3rec_pretrain_epochs",
     "checkpoint_dir": "--output_dir",
 }
-EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epochs")
-TIME_COLUMNS = ("train_time_s", "total_time_s")
+EFFORT_COLUMNS = ("train_time_s", "total_time_s", "epoch_time_s", "epochs")
+TIME_COLUMNS = ("train_time_s", "total_time_s", "epoch_time_s")
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit"}
 LOG_TAIL_LINES = 40
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +118,8 @@ def build_parser():
         "--output_dir", default="results", help="results go to <output_dir>/<dataset>[-uni19][-ablation]"
     )
     parser.add_argument("--rerun", action="store_true", help="run again the runs that finished before")
-    parser.add_argument("--st2si_stages", default=None, help="ST2SI train stages, one row each: ilp,full,lora "
+    parser.add_argument("--st2si_stages", default=None, help="ST2SI train stages, one row each: ilp,top2,full,lora, "
+                        "any with +id (id_embedding), e.g. ilp,top2,top2+id; "
                         "(default: full on a GPU, ilp on CPU)")
     parser.add_argument("--ablation", action="store_true", help="ST2SI w/o multi-query, w/o ID alignment, w/o both")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
@@ -177,8 +179,23 @@ def scoped_seeds(overrides):
     }
 
 
+STAGE_VARIANT = re.compile(r"(?P<stage>[a-z]+?)(?P<layers>\d*)(?P<ids>\+id)?")
+
+
+def stage_settings(name):
+    """The settings of a train-stage row: ``ilp``, ``top2`` (``top_layers: 2``), ``ilp+id`` (``id_embedding``)."""
+    parts = STAGE_VARIANT.fullmatch(name).groupdict()
+    settings = {"train_stage": parts["stage"]}
+    if parts["layers"]:
+        settings["top_layers"] = int(parts["layers"])
+    if parts["ids"]:
+        settings["id_embedding"] = True
+    return settings
+
+
 def parse_stages(text, models):
-    """Train stages of the models that have them (ST2SI); by default the one ``train_stage: auto``
+    """Train-stage rows of the models that have them (ST2SI): a stage, ``top`` with its layer count
+    (``top2``), either with ``+id`` (``id_embedding``); by default the stage ``train_stage: auto``
     picks on this machine."""
     from recbole_st2si.model.st2si import auto_train_stage
 
@@ -187,9 +204,14 @@ def parse_stages(text, models):
         return []
     stages = split_list(text) if text is not None else [auto_train_stage("cuda" if torch.cuda.is_available() else "cpu")]
     allowed = [stage for stage in stage_names(staged[0]) if stage != "pretrain"]
-    unknown = [stage for stage in stages if stage not in allowed]
-    if unknown or not stages:
-        raise UserInputError(f"--st2si_stages must be a comma-separated subset of {allowed}, got {text!r}")
+
+    def known(name):
+        match = STAGE_VARIANT.fullmatch(name)
+        return match and match["stage"] in allowed and (not match["layers"] or match["stage"] == "top")
+
+    if not stages or not all(known(stage) for stage in stages):
+        raise UserInputError(f"--st2si_stages must be comma-separated stages of {allowed} (top with its layers, "
+                             f"e.g. top2; any with +id for id_embedding), got {text!r}")
     return list(dict.fromkeys(stages))
 
 
@@ -231,7 +253,7 @@ def plan_variants(models, stages, ablation):
             continue
         for stage in stages:
             for suffix, settings in ablations.items():
-                variants.append(Variant(f"{model}-{stage}{suffix}", model, {"train_stage": stage, **settings}))
+                variants.append(Variant(f"{model}-{stage}{suffix}", model, {**stage_settings(stage), **settings}))
     return variants
 
 
@@ -431,6 +453,7 @@ def markdown_table(rows, columns):
         *(display_name(column) for column in columns),
         "train time (s)",
         "total time (s)",
+        "s per epoch",
         "epochs",
         "params (trainable / total)",
         "device",
@@ -439,7 +462,8 @@ def markdown_table(rows, columns):
     for row in rows:
         params = f"{row['params_trainable']:,} / {row['params_total']:,}" if row["params_total"] is not None else "–"
         cells = [format_cell(row, column, 4) for column in columns]
-        cells += [format_cell(row, "train_time_s", 0), format_cell(row, "total_time_s", 0), format_cell(row, "epochs", 1), params]
+        cells += [format_cell(row, "train_time_s", 0), format_cell(row, "total_time_s", 0), format_cell(row, "epoch_time_s", 1),
+                  format_cell(row, "epochs", 1), params]
         cells.append(row["device"] or "–")
         status = row["status"] + (f" ({row['failed_logs']})" if row["failed_logs"] else "")
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['seeds']} | {status} |")

@@ -117,6 +117,12 @@ class ResumableTraining:
                 print(f"resuming from the checkpoint of epoch {epoch}: {self.checkpoint}", flush=True)
         self.start = time.perf_counter()
 
+    def seconds_per_epoch(self):
+        """Mean seconds of a training epoch with its validation, from the second on (the first also
+        builds what a run computes once, e.g. ST2SI's feature cache); None below two epochs."""
+        elapsed = [self.elapsed_by_epoch[key] for key in sorted(self.elapsed_by_epoch, key=int)]
+        return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None
+
     def after_validation(self, epoch_idx, valid_score):
         """RecBole's ``callback_fn``: the training time up to this epoch, written down at once."""
         self.elapsed_by_epoch[str(epoch_idx)] = self.time_before_s + time.perf_counter() - self.start
@@ -205,6 +211,7 @@ def run(spec):
         **measure(result),
         **pretraining,
         "resumed_from_epoch": training.resumed_from_epoch,
+        "epoch_time_s": training.seconds_per_epoch(),
         "total_time_s": time.perf_counter() - start + earlier_attempts_s,
         "hardware": training.hardware(),
         "finished_at": now(),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from recbole_st2si import benchmark, run_records
+from recbole_st2si.errors import UserInputError
 
 from .conftest import without_colours
 
@@ -231,6 +232,7 @@ def fake_run(variant, seed, ndcg, status="ok", **evaluation):
         "valid_score_bigger": True,
         "train_time_s": 10.0 * seed,
         "total_time_s": 20.0 * seed,
+        "epoch_time_s": 4.0 * seed,
         "epochs": seed,
         "params_trainable": 100,
         "params_total": 1000,
@@ -265,7 +267,7 @@ def test_aggregation_into_table_csv_and_configs(tmp_path):
     assert rows[0]["seeds_ok"] == 2
 
     readme = (tmp_path / "README.md").read_text()
-    sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 30 ± 14 | 1.5 ± 0.7 |"
+    sasrec = "| SASRec | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.1000 ± 0.0707 | 0.4000 ± 0.2828 | 15 ± 7 | 30 ± 14 | 6.0 ± 2.8 | 1.5 ± 0.7 |"
     assert table["SASRec"]["device"] == "cpu"
     assert sasrec in readme
     assert "| BERT4Rec | – | – |" in readme and "partly failed (runs/GRU4Rec-seed2.log)" in readme
@@ -283,7 +285,7 @@ def test_times_are_averaged_only_over_runs_on_one_machine(tmp_path):
     assert sasrec["train_time_s_mean"] is None and sasrec["total_time_s_mean"] is None
     assert sasrec["device"] == "cpu cuda" and gru4rec["train_time_s_mean"] == pytest.approx(15.0)
     readme = (tmp_path / "README.md").read_text()
-    assert "| 0.4000 ± 0.2828 | – | – | 1.5 ± 0.7 |" in readme
+    assert "| 0.4000 ± 0.2828 | – | – | – | 1.5 ± 0.7 |" in readme
     assert "No time for SASRec: its runs, or one run's resumed attempts, trained on" in readme
 
 
@@ -365,3 +367,19 @@ def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
     assert resumed["best_valid_result"] == first["best_valid_result"]
     assert resumed["train_time_s"] >= time_to_epoch_0 > 0 and resumed["total_time_s"] >= time_to_epoch_0
     assert "GRU4Rec-seed2020 from its epoch-0 checkpoint" in (tmp_path / "tiny" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("text,rows", [
+    ("ilp,top2,top2+id", {"ST2SI-ilp": {"train_stage": "ilp"}, "ST2SI-top2": {"train_stage": "top", "top_layers": 2},
+                          "ST2SI-top2+id": {"train_stage": "top", "top_layers": 2, "id_embedding": True}}),
+    ("ilp+id", {"ST2SI-ilp+id": {"train_stage": "ilp", "id_embedding": True}}),
+])
+def test_stage_rows_name_their_settings(text, rows):
+    variants = benchmark.plan_variants(["ST2SI"], benchmark.parse_stages(text, ["ST2SI"]), ablation=False)
+    assert {variant.name: variant.settings for variant in variants} == rows
+
+
+@pytest.mark.parametrize("text", ["ilp2", "top+ids", "fast", "", "full,top-2"])
+def test_unknown_stage_rows_are_refused(text):
+    with pytest.raises(UserInputError, match="--st2si_stages must be comma-separated stages"):
+        benchmark.parse_stages(text, ["ST2SI"])
