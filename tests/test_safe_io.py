@@ -3,6 +3,8 @@
 import errno
 import hashlib
 import logging
+import os
+import socket
 import subprocess
 import uuid
 
@@ -78,6 +80,36 @@ def test_a_file_written_through_its_path_replaces_the_target_only_once_complete(
             temporary.write_bytes(b"half")
             1 / 0
     assert path.read_bytes() == bytes(range(8)) and [file.name for file in tmp_path.iterdir()] == ["states.bin"]
+
+
+def ended_process_id():
+    """The id of a process of this host that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_writer_sweeps_the_temporaries_of_killed_writers_and_nothing_else(tmp_path):
+    host = socket.gethostname()
+    killed = tmp_path / f".ml-100k-abc.states.{host}.{ended_process_id()}.k1ll3d.tmp"
+    killed.write_bytes(bytes(1000))
+    killed_folder = tmp_path / f".run-backbone.{host}.{ended_process_id()}.f0ld3r.tmp"
+    killed_folder.mkdir()
+    (killed_folder / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".ml-100k-def.states.{host}.{os.getppid()}.l1v3.tmp"  # this test's parent process
+    other_host = tmp_path / f".ml-100k-ghi.states.{host}-elsewhere.{ended_process_id()}.0th3r.tmp"
+    for path in (running, other_host):
+        path.write_bytes(b"in progress")
+    write_text(tmp_path / "results.csv", "a,b\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, other_host.name, "results.csv"])
+
+
+def test_a_temporary_file_is_named_after_its_writer(tmp_path):
+    with safe_io.atomic_path(tmp_path / "model.pth") as temporary:
+        assert temporary.name.startswith(f".model.pth.{socket.gethostname()}.{os.getpid()}.")
+        assert temporary.name.endswith(".tmp")
+    with safe_io.atomic_folder(tmp_path / "backbone") as temporary:
+        assert temporary.name.startswith(f".backbone.{socket.gethostname()}.{os.getpid()}.")
 
 
 def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
