@@ -49,10 +49,11 @@ class DamagedFileError(UserInputError):
 
 
 def human_size(num_bytes):
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+    """A size in decimal units (1 MB = 1,000,000 bytes), the units the documentation gives sizes in."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
             return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
+        num_bytes /= 1000
 
 
 def _temporary_name_parts(path):

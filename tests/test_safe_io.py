@@ -45,7 +45,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_size_and_keeps_the_previous
         save_checked({"weight": torch.zeros(10_000)}, path)
     message = str(caught.value)
     assert "\n" not in message and str(path) in message and "disk full" in message
-    assert "39.1 KB" in message and "No space left on device" in message  # 10,000 float32 values
+    assert "40.0 kB" in message and "No space left on device" in message  # 10,000 float32 values
     assert path.read_bytes() == previous
     assert sorted(file.name for file in tmp_path.iterdir()) == ["model.pth"], "no temporary file stays"
 
@@ -80,6 +80,17 @@ def test_a_file_written_through_its_path_replaces_the_target_only_once_complete(
             temporary.write_bytes(b"half")
             1 / 0
     assert path.read_bytes() == bytes(range(8)) and [file.name for file in tmp_path.iterdir()] == ["states.bin"]
+
+
+@pytest.mark.parametrize("num_bytes, text", [
+    (999, "999 bytes"),
+    (1000, "1.0 kB"),
+    (40_000, "40.0 kB"),
+    (116_051_328, "116.1 MB"),  # ml-100k's bfloat16 cache: (99,057 + 1,682) rows x 576 values x 2 bytes
+    (4_608_000_000, "4.6 GB"),  # a million-item ILP in float32: 1,000,000 x 576 x 2 x 4 bytes
+])
+def test_sizes_are_printed_in_decimal_units(num_bytes, text):
+    assert safe_io.human_size(num_bytes) == text
 
 
 def ended_process_id():
@@ -300,7 +311,7 @@ def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, mon
 
 def test_the_benchmark_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     def full_disk(*args, **kwargs):
-        raise DiskFullError(f"disk full: could not write {tmp_path}/runs/x.json (2.0 KB): No space left on device")
+        raise DiskFullError(f"disk full: could not write {tmp_path}/runs/x.json (2.0 kB): No space left on device")
 
     monkeypatch.setattr(benchmark, "run_all", full_disk)
     status = benchmark.main(["--dataset=tiny", "--models=SASRec", f"--output_dir={tmp_path}"])
