@@ -11,11 +11,12 @@ import uuid
 import pytest
 import torch
 
-from recbole_st2si import benchmark, feature_cache, safe_io
+from recbole_st2si import benchmark, feature_cache, run_files, safe_io
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import load_or_compute
 from recbole_st2si.quick_start import run_recbole_st2si
-from recbole_st2si.run_files import load_ilp
+from recbole_st2si.run_files import RunFiles, load_checkpoint, load_ilp, read_serving_file
+from recbole_st2si.trainer import SafeCheckpointMixin
 from recbole_st2si.safe_io import DamagedFileError, DiskFullError, load_checked, save_checked, write_text
 
 from .test_ilp_tuning import build, ilp_config, ilp_settings
@@ -218,6 +219,46 @@ def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_pa
     run_recbole_st2si("ST2SI", "tiny", config_dict=settings(seed=8), checkpoint_file=second)
     assert (tmp_path / "second-ilp.pth").is_file() and (tmp_path / "first-ilp.pth").read_bytes() == before
     assert not list(tmp_path.rglob("ST2SI-tiny-ilp.pth")), "no ILP file shared by every run on a dataset"
+
+
+def sasrec_settings(settings, **overrides):
+    return settings(hidden_size=8, inner_size=16, n_layers=1, n_heads=1, **overrides)
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_files(settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_files, "get_local_time", lambda: "Dec-06-2026_20-33-10")
+    runs = [run_recbole_st2si("ST2SI", "tiny", config_dict=settings(seed=seed))["trainer"] for seed in (7, 8)]
+    files = [RunFiles.of(trainer.saved_model_file) for trainer in runs]
+    assert files[0] != files[1] and {file.checkpoint.parent for file in files} == {tmp_path / "saved"}
+    for trainer, file in zip(runs, files):
+        checkpoint = load_checkpoint(file.checkpoint)
+        assert checkpoint["run_id"] == trainer.run_id and file.ilp.is_file()
+        assert read_serving_file(file, checkpoint)["run_id"] == trainer.run_id
+    assert len(list((tmp_path / "saved").glob("ST2SI-Dec-06-2026_20-33-10-*.serving.pth"))) == 2
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_serving_file(settings, tmp_path, monkeypatch):
+    def train_epoch(self, *args, **kwargs):  # as a full disk, bad data or a kill would stop it
+        raise RuntimeError("no space left while reading a batch")
+
+    monkeypatch.setattr(SafeCheckpointMixin, "_train_epoch", train_epoch)
+    with pytest.raises(RuntimeError, match="no space left"):
+        run_recbole_st2si("SASRec", "tiny", config_dict=sasrec_settings(settings))
+    assert list((tmp_path / "saved").iterdir()) == []
+
+
+def test_a_checkpoint_file_another_run_created_meanwhile_is_refused_in_one_line(settings, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pth"
+
+    def train_epoch(self, *args, **kwargs):
+        checkpoint.write_bytes(b"another run's checkpoint")
+        return 0.5  # the epoch's loss
+
+    monkeypatch.setattr(SafeCheckpointMixin, "_train_epoch", train_epoch)
+    with pytest.raises(UserInputError) as caught:
+        run_recbole_st2si("SASRec", "tiny", config_dict=sasrec_settings(settings), checkpoint_file=checkpoint)
+    assert str(caught.value) == f"{checkpoint} exists: another run wrote it; it is left as it is"
+    assert checkpoint.read_bytes() == b"another run's checkpoint" and not RunFiles.of(checkpoint).serving.exists()
 
 
 # --- feature caches --------------------------------------------------------------------------
