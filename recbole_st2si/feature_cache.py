@@ -45,7 +45,7 @@ import fcntl
 import hashlib
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from logging import getLogger
 from pathlib import Path
@@ -376,22 +376,23 @@ def holding(lock, files: CacheFiles):
     """Hold the cache's lock (``lock``: its lock file, opened to append and read) and write this
     process's host and id into it; a lock held by another process is waited for, after one log line
     naming the cache and that process (a build can take minutes)."""
+    descriptor = lock.fileno()
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+        holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "another process"
         getLogger().info(set_color("feature cache", "green") + f": {holder} is building or checking "
                          f"{files.states}; waiting for it")
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    with suppress(OSError):  # the name only informs waiters: a full disk must not stop the run here
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode())
     try:
         yield
     finally:
-        lock.truncate(0)  # the next holder writes its own; a waiter never reads a finished one's
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        with suppress(OSError):
+            os.ftruncate(descriptor, 0)  # a waiter never reads the name of a holder that has finished
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def store_states(files: CacheFiles, layout: StatesLayout, fill, group: BuildGroup = SINGLE_PROCESS):
