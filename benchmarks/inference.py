@@ -37,7 +37,7 @@ def timed(call):
     return time.perf_counter() - start
 
 
-def peak_memory_gb(device):
+def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
@@ -81,7 +81,7 @@ def measure(model_file, users, history_length, batch_size, device, precision, k=
         "batch_size": batch_size,
         "batched_users_per_s": len(histories) / batched_s,
         "batched_incremental_users_per_s": len(histories) / batched_incremental_s,
-        "peak_memory_gb": peak_memory_gb(torch.device(device)),
+        "peak_memory_gib": peak_memory_gib(torch.device(device)),
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
     }
 
@@ -90,7 +90,7 @@ def table(results):
     lines = [
         "| model | parameters | fresh, batch 1: p50 / p95 (ms) | incremental +1 item, batch 1: p50 / p95 (ms) "
         "| incremental speed-up, batch 1 (p50) | batched fresh (users/s) | batched incremental (users/s) "
-        "| incremental speed-up, batched | peak memory (GB) | load (s) | device |",
+        "| incremental speed-up, batched | peak memory (GiB) | load (s) | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -102,7 +102,7 @@ def table(results):
             f"| {np.median(fresh) / np.median(incremental):.1f}x "
             f"| {result['batched_users_per_s']:.1f} (batch {result['batch_size']}) "
             f"| {result['batched_incremental_users_per_s']:.1f} "
-            f"| {result['batched_incremental_users_per_s'] / result['batched_users_per_s']:.1f}x | {result['peak_memory_gb']:.2f} "
+            f"| {result['batched_incremental_users_per_s'] / result['batched_users_per_s']:.1f}x | {result['peak_memory_gib']:.2f} "
             f"| {result['load_s']:.1f} | {result['device']} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """A catalogue of a million items: one ILP training step and a top-10 over all items, chunked and not.
 
-    python benchmarks/million_items.py --items 1000000 --users 3000 --memory_limit_gb 16
+    python benchmarks/million_items.py --items 1000000 --users 3000 --memory_limit_gib 16
 
 Generates a synthetic dataset (short random titles, users with random histories) under a temporary
 folder, never a committed file; loads it through RecBole as ST2SI's dataset (``train_stage: ilp``,
@@ -14,7 +14,7 @@ first set and then unset (``0``):
 * a top-10 over every item for the batch's users.
 
 Peak memory is the peak resident memory of the process during each phase (sampled every 5 ms),
-weights included. ``--memory_limit_gb`` caps the process's address space, so that a phase that
+weights included. ``--memory_limit_gib`` caps the process's address space, so that a phase that
 needs more fails with an out-of-memory error here instead of starving the machine.
 """
 
@@ -57,7 +57,7 @@ def generate(folder, items, users, seed=0):
 
 
 class PeakMemory:
-    """Peak resident memory (GB) of this process while the ``with`` block runs."""
+    """Peak resident memory (GiB) of this process while the ``with`` block runs."""
 
     def __enter__(self):
         self.process, self.peak, self.running = psutil.Process(), 0, True
@@ -75,7 +75,7 @@ class PeakMemory:
         self.seconds = time.perf_counter() - self.start
         self.running = False
         self.thread.join()
-        self.peak_gb = max(self.peak, self.process.memory_info().rss) / 2**30
+        self.peak_gib = max(self.peak, self.process.memory_info().rss) / 2**30
         return False
 
 
@@ -94,7 +94,7 @@ def phase(name, chunk_size, action):
     try:
         with PeakMemory() as memory:
             action()
-        outcome = f"{memory.seconds:.1f} s, peak {memory.peak_gb:.2f} GB"
+        outcome = f"{memory.seconds:.1f} s, peak {memory.peak_gib:.2f} GiB"
     except (RuntimeError, MemoryError) as error:
         outcome = f"failed after {memory.seconds:.1f} s ({str(error).splitlines()[0][:80]})"
     print(f"| {name} | {chunk_size or 'all items'} | {outcome} |", flush=True)
@@ -108,9 +108,9 @@ def main():
     parser.add_argument("--history_length", type=int, default=50)
     parser.add_argument("--chunk_size", type=int, default=65536)
     parser.add_argument("--llm_path", default="embedded")
-    parser.add_argument("--memory_limit_gb", type=float, default=16)
+    parser.add_argument("--memory_limit_gib", type=float, default=16)
     args = parser.parse_args()
-    limit = int(args.memory_limit_gb * 2**30)
+    limit = int(args.memory_limit_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     with tempfile.TemporaryDirectory() as folder:
@@ -124,7 +124,7 @@ def main():
             dataset = create_dataset(config)
             model = ST2SI(config, dataset)
         print(f"dataset and model ({model.n_items - 1:,} items, ILP {tuple(model.ilp.weight.shape)}): "
-              f"{memory.seconds:.1f} s, peak {memory.peak_gb:.2f} GB")
+              f"{memory.seconds:.1f} s, peak {memory.peak_gib:.2f} GiB")
         seq, seq_len = batch_of_histories(dataset, args.batch_users, args.history_length)
         target = seq[torch.arange(len(seq)), seq_len - 1]
         seq[torch.arange(len(seq)), seq_len - 1], seq_len = 0, seq_len - 1

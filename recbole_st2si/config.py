@@ -10,6 +10,7 @@ import yaml
 from recbole.config import Config
 
 from recbole_st2si.command_line import split_list
+from recbole_st2si.errors import UserInputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -64,10 +65,32 @@ def _as_list(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def read_settings_file(path, loader):
+    """The settings of a user's YAML file; one line naming the file (with the line and column of a
+    syntax error) for a file that is not YAML settings."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            settings = yaml.load(file.read(), Loader=loader)
+    except UnicodeDecodeError:
+        raise UserInputError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserInputError(f"config file {path}{where}: {' '.join(problem.split())}") from None
+    if settings is None:  # an empty file
+        return {}
+    if not isinstance(settings, dict):
+        raise UserInputError(f"config file {path} holds a {type(settings).__name__}, not settings: "
+                             "write one `name: value` per line")
+    return settings
+
+
 class PluginConfig(Config):
     """RecBole's :class:`Config` with the plugin's YAML files as internal defaults (after RecBole's
     own, before the user's files); list settings accept ``a,b`` and ``[a,b]``; a distributed run
-    without CUDA gets gloo and the CPU.
+    without CUDA gets gloo and the CPU; a user's YAML file that is not settings is one
+    :class:`UserInputError` line naming it.
 
     ``plugin_config_dict`` holds the settings the plugin's files gave, for run records.
 
@@ -75,6 +98,12 @@ class PluginConfig(Config):
     starts an NCCL process group and puts rank ``r`` on ``cuda:r``: all three fail on a CPU-only
     machine (or with ``use_gpu: False``). Single-process runs and GPU runs are left to RecBole.
     """
+
+    def _load_config_files(self, file_list):
+        settings = {}
+        for path in file_list or []:
+            settings.update(read_settings_file(path, self.yaml_loader))
+        return settings
 
     def _load_cmd_line(self):
         """Nothing: the entry points pass their ``--key=value`` settings as ``config_dict``."""

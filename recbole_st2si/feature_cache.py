@@ -35,11 +35,17 @@ A cache grows with the data (``H`` values per transition, or per token), so it i
 * the DDP processes of a run on one machine (``--nproc=N``) share one pass: rank 0 looks for the
   cache under the file lock and, if it must be built, every rank encodes every ``N``-th batch of
   the same length-sorted batches into the same file, so the file is the one a single process writes.
+
+Runs that need the same cache at once (tuning trials) take turns under the lock: the one that holds
+it writes its host and process id into the lock file, and one that waits for it says whom it waits for.
 """
 
 import copy
 import fcntl
 import hashlib
+import os
+import socket
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from logging import getLogger
 from pathlib import Path
@@ -340,7 +346,7 @@ def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
 
     try:
         files.states.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(files.lock, "a")
+        lock = open(files.lock, "a+")
     except OSError as error:
         features = read_cache(files, layout)
         if features is None:
@@ -351,8 +357,7 @@ def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
             ) from None
         group.share(None)
         return features
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials wait for one builder
+    with lock, holding(lock, files):
         features = read_cache(files, layout)
         if features is not None:
             group.share(None)
@@ -364,6 +369,30 @@ def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
         store_states(files, layout, encode_share, group)
         getLogger().info(set_color("feature cache", "green") + f": wrote {files.states}")
         return layout.map(files.states)
+
+
+@contextmanager
+def holding(lock, files: CacheFiles):
+    """Hold the cache's lock (``lock``: its lock file, opened to append and read) and write this
+    process's host and id into it; a lock held by another process is waited for, after one log line
+    naming the cache and that process (a build can take minutes)."""
+    descriptor = lock.fileno()
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "another process"
+        getLogger().info(set_color("feature cache", "green") + f": {holder} is building or checking "
+                         f"{files.states}; waiting for it")
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    with suppress(OSError):  # the name only informs waiters: a full disk must not stop the run here
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.ftruncate(descriptor, 0)  # a waiter never reads the name of a holder that has finished
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def store_states(files: CacheFiles, layout: StatesLayout, fill, group: BuildGroup = SINGLE_PROCESS):

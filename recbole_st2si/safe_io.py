@@ -4,7 +4,9 @@ Every file the package writes (checkpoints, the ILP file, feature caches, run re
 tables) goes through :func:`atomic_path` (or :func:`atomic_file`, its file object): it is written to
 a temporary file in the target's folder, flushed to the disk and renamed over the target, so a
 crash, a kill or a full disk never leaves a half-written file in its place, and the previous good
-file stays until the new one is complete.
+file stays until the new one is complete. A temporary file's name carries its writer's host and
+process id, so that a later writer in the same folder removes the temporaries of a writer that was
+killed (:func:`sweep_dead_writers`).
 
 Checkpoints and caches' records are dictionaries of tensors and numbers saved with
 :func:`save_checked`, which stores a SHA-256 digest of their contents beside them; :func:`load_checked`
@@ -17,10 +19,13 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import shutil
+import socket
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
+from logging import getLogger
 from pathlib import Path
 
 import torch
@@ -44,10 +49,48 @@ class DamagedFileError(UserInputError):
 
 
 def human_size(num_bytes):
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+    """A size in decimal units (1 MB = 1,000,000 bytes), the units the documentation gives sizes in."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
             return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
+        num_bytes /= 1000
+
+
+def _temporary_name_parts(path):
+    """``prefix`` and ``suffix`` of a temporary beside ``path``: ``.<name>.<host>.<pid>.<random>.tmp``."""
+    return {"prefix": f".{path.name}.{socket.gethostname()}.{os.getpid()}.", "suffix": ".tmp"}
+
+
+def _process_is_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_dead_writers(folder):
+    """Remove the temporary files and folders in ``folder`` that a process of this host left when it
+    was killed in the middle of a write (a feature cache's is as large as the cache): no one else
+    ever would. Temporaries of live processes, and of other hosts sharing the folder, stay."""
+    own = re.compile(rf"\..+\.{re.escape(socket.gethostname())}\.(\d+)\.[^.]+\.(?:tmp|old)")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = own.fullmatch(name)
+        if match is None or _process_is_alive(int(match[1])):
+            continue
+        path = Path(folder) / name
+        with suppress(OSError):  # another writer may sweep it at the same time
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            getLogger().info(f"removed {path}, left by process {match[1]}, which is gone")
 
 
 class _RecordingWriter:
@@ -91,7 +134,8 @@ def atomic_path(path, size=None, exclusive=False):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        sweep_dead_writers(path.parent)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, **_temporary_name_parts(path))
         os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's files are private; the target gets the usual mode
         os.close(handle)
     except OSError as error:
@@ -182,7 +226,8 @@ def atomic_folder(path):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        sweep_dead_writers(path.parent)
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name_parts(path)))
         temporary.chmod(0o777 & ~_umask())
     except OSError as error:
         raise _write_error(path, error, None) from None

@@ -37,6 +37,9 @@ from recbole_st2si.run_files import (
 )
 from recbole_st2si.safe_io import save_checked
 
+TRAINED_BACKBONE_PART = {"top": "the backbone's top layers", "lora": "the backbone's LoRA adapters"}  # by train_stage
+
+
 def random_states():
     """The global random generators a training epoch draws from (dropout, samplers, shuffling)."""
     state = np.random.get_state()
@@ -269,6 +272,16 @@ class ST2SITrainer(SafeCheckpointMixin, Trainer, CPUDistributedInit):
         self.feature_cache = None  # built by fit
         if config["ilp_checkpoint"]:
             load_ilp(model, config["ilp_checkpoint"])
+        self.logger.info(set_color("learning rates", "blue") + f": {self.learning_rates()}")
+
+    def learning_rates(self):
+        """The peak learning rates of what trains, as the optimiser holds them: the configuration
+        also lists ``learning_rate`` when the backbone is frozen and it trains nothing."""
+        ilp, *backbone = self.optimizer.param_groups
+        part = TRAINED_BACKBONE_PART.get(self.config["train_stage"], "backbone")
+        backbone_rate = f"{part} {backbone[0]['lr']:g}" if backbone else "backbone frozen"
+        return (f"ILP {ilp['lr']:g}, {backbone_rate} ({self.config['warmup_steps']} warm-up steps, "
+                "then cosine decay)")
 
     def _build_optimizer(self, **kwargs):
         head = [p for p in self.model.head_parameters() if p.requires_grad]

@@ -11,6 +11,7 @@ from recbole.utils import get_model as recbole_get_model
 
 from recbole_st2si.config import PluginConfig
 from recbole_st2si.data import prepare
+from recbole_st2si.data.atomic_files import read_as_written
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.settings import check_settings
 
@@ -90,9 +91,11 @@ def missing_dataset_message(name, inter_file):
 
 
 def create_dataset(config):
-    """``<Model>Dataset`` of :mod:`recbole_st2si.data.dataset`, else RecBole's dataset for the model."""
+    """``<Model>Dataset`` of :mod:`recbole_st2si.data.dataset`, else RecBole's dataset for the model;
+    either reads the atomic files as written (:mod:`recbole_st2si.data.atomic_files`)."""
     dataset_class = plugin_class("data.dataset", f"{config['model']}Dataset")
-    return dataset_class(config) if dataset_class else recbole_create_dataset(config)
+    with read_as_written():
+        return dataset_class(config) if dataset_class else recbole_create_dataset(config)
 
 
 def data_preparation(config, dataset):

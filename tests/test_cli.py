@@ -75,6 +75,21 @@ def test_cli_reports_user_errors_in_one_line(args, message, tmp_path):
     assert "prepare merge" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epochs: 2\nmetrics: [Recall, NDCG\ntopk: 10\n",
+         "error: config file bad.yaml, line 3, column 5: expected ',' or ']', but got ':'\n"),
+        ("- epochs: 2\n- topk: 10\n",
+         "error: config file bad.yaml holds a list, not settings: write one `name: value` per line\n"),
+    ],
+)
+def test_a_config_file_that_is_not_yaml_settings_is_one_line_naming_it(text, message, tmp_path):
+    (tmp_path / "bad.yaml").write_text(text)
+    result = run_cli(f"--data_path={DATA_DIR}", "--dataset=tiny", "--config_files=bad.yaml", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (2, message)
+
+
 def test_backbone_from_a_local_directory(tiny_backbone_dir):
     tokenizer, query_id = load_tokenizer(str(tiny_backbone_dir), ".")
     assert tokenizer.convert_ids_to_tokens(query_id) == "."  # in-vocabulary: used as it is

@@ -1,8 +1,12 @@
 """The feature cache's storage: 16-bit states in a memory-mapped file, and one build shared by DDP ranks."""
 
 import json
+import logging
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -183,3 +187,41 @@ def test_two_runs_started_together_on_one_cache_folder_build_it_once(tiny_backbo
     assert sorted(built) == [False, True] and reused == [not flag for flag in built]
     assert parse_test_results(logs[0]) == parse_test_results(logs[1])
     assert len(list(cache.glob("*.states"))) == 1 and len(list(cache.glob("*.pt"))) == 1
+
+
+HOLD_THE_LOCK = """
+import sys
+from recbole_st2si.feature_cache import CacheFiles, holding
+files = CacheFiles.named(sys.argv[1], sys.argv[2])
+with open(files.lock, "a+") as lock, holding(lock, files):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_run_waiting_for_another_process_on_the_cache_says_once_whom_it_waits_for(make_config, tmp_path, caplog):
+    config = ilp_config(make_config, tmp_path)
+    model, loaders = build(config)
+    sequences = loaders[0].windows.sequences
+    load_or_compute(config, model, sequences)
+    (states_file,) = (tmp_path / "cache").glob("*.states")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(states_file.parent), states_file.stem],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        waiting = f"feature cache: process {holder.pid} on {socket.gethostname()} is building or checking {states_file}; waiting for it"
+        with caplog.at_level(logging.INFO):
+            reader = threading.Thread(target=load_or_compute, args=(config, model, sequences))
+            reader.start()
+            deadline = time.monotonic() + 60
+            while waiting not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert reader.is_alive(), "it waits while the other process holds the lock"
+            holder.stdin.close()
+            holder.wait(timeout=60)
+            reader.join(timeout=60)
+        assert not reader.is_alive() and caplog.text.count(waiting) == 1
+        assert f"reusing {states_file}" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,5 +1,6 @@
 """Efficient ILP tuning (cached [Q] states), pre-training and transfer, LoRA, ILP files."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -336,3 +337,17 @@ def test_ilp_run_trains_on_the_cache_and_saves_the_best_ilp(settings, tmp_path):
     ilp = torch.load(checkpoint.with_name(f"{checkpoint.stem}-ilp.pth"), weights_only=True)
     best = torch.load(trainer.saved_model_file, weights_only=True)["state_dict"]
     assert torch.equal(ilp["weight"], best["ilp.weight"])
+
+
+@pytest.mark.parametrize("stage_settings, line", [
+    (dict(train_stage="ilp", frozen_ilp_learning_rate=1e-3),
+     "learning rates: ILP 0.001, backbone frozen (100 warm-up steps, then cosine decay)"),
+    (dict(train_stage="full"), "learning rates: ILP 5e-05, backbone 5e-05 (100 warm-up steps, then cosine decay)"),
+    (dict(train_stage="top", top_layers=1, ilp_learning_rate=2e-3, warmup_steps=0),
+     "learning rates: ILP 0.002, the backbone's top layers 5e-05 (0 warm-up steps, then cosine decay)"),
+])
+def test_the_log_names_the_learning_rates_that_train(make_config, stage_settings, line, caplog):
+    config = make_config(**{"learning_rate": 5e-5, "warmup_steps": 100, **stage_settings})
+    with caplog.at_level(logging.INFO):
+        ST2SITrainer(config, build(config)[0])
+    assert line in caplog.text

@@ -3,17 +3,20 @@
 import errno
 import hashlib
 import logging
+import os
+import socket
 import subprocess
 import uuid
 
 import pytest
 import torch
 
-from recbole_st2si import benchmark, feature_cache, safe_io
+from recbole_st2si import benchmark, feature_cache, run_files, safe_io
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.feature_cache import load_or_compute
 from recbole_st2si.quick_start import run_recbole_st2si
-from recbole_st2si.run_files import load_ilp
+from recbole_st2si.run_files import RunFiles, load_checkpoint, load_ilp, read_serving_file
+from recbole_st2si.trainer import SafeCheckpointMixin
 from recbole_st2si.safe_io import DamagedFileError, DiskFullError, load_checked, save_checked, write_text
 
 from .test_ilp_tuning import build, ilp_config, ilp_settings
@@ -43,7 +46,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_size_and_keeps_the_previous
         save_checked({"weight": torch.zeros(10_000)}, path)
     message = str(caught.value)
     assert "\n" not in message and str(path) in message and "disk full" in message
-    assert "39.1 KB" in message and "No space left on device" in message  # 10,000 float32 values
+    assert "40.0 kB" in message and "No space left on device" in message  # 10,000 float32 values
     assert path.read_bytes() == previous
     assert sorted(file.name for file in tmp_path.iterdir()) == ["model.pth"], "no temporary file stays"
 
@@ -78,6 +81,47 @@ def test_a_file_written_through_its_path_replaces_the_target_only_once_complete(
             temporary.write_bytes(b"half")
             1 / 0
     assert path.read_bytes() == bytes(range(8)) and [file.name for file in tmp_path.iterdir()] == ["states.bin"]
+
+
+@pytest.mark.parametrize("num_bytes, text", [
+    (999, "999 bytes"),
+    (1000, "1.0 kB"),
+    (40_000, "40.0 kB"),
+    (116_051_328, "116.1 MB"),  # ml-100k's bfloat16 cache: (99,057 + 1,682) rows x 576 values x 2 bytes
+    (4_608_000_000, "4.6 GB"),  # a million-item ILP in float32: 1,000,000 x 576 x 2 x 4 bytes
+])
+def test_sizes_are_printed_in_decimal_units(num_bytes, text):
+    assert safe_io.human_size(num_bytes) == text
+
+
+def ended_process_id():
+    """The id of a process of this host that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_writer_sweeps_the_temporaries_of_killed_writers_and_nothing_else(tmp_path):
+    host = socket.gethostname()
+    killed = tmp_path / f".ml-100k-abc.states.{host}.{ended_process_id()}.k1ll3d.tmp"
+    killed.write_bytes(bytes(1000))
+    killed_folder = tmp_path / f".run-backbone.{host}.{ended_process_id()}.f0ld3r.tmp"
+    killed_folder.mkdir()
+    (killed_folder / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".ml-100k-def.states.{host}.{os.getppid()}.l1v3.tmp"  # this test's parent process
+    other_host = tmp_path / f".ml-100k-ghi.states.{host}-elsewhere.{ended_process_id()}.0th3r.tmp"
+    for path in (running, other_host):
+        path.write_bytes(b"in progress")
+    write_text(tmp_path / "results.csv", "a,b\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, other_host.name, "results.csv"])
+
+
+def test_a_temporary_file_is_named_after_its_writer(tmp_path):
+    with safe_io.atomic_path(tmp_path / "model.pth") as temporary:
+        assert temporary.name.startswith(f".model.pth.{socket.gethostname()}.{os.getpid()}.")
+        assert temporary.name.endswith(".tmp")
+    with safe_io.atomic_folder(tmp_path / "backbone") as temporary:
+        assert temporary.name.startswith(f".backbone.{socket.gethostname()}.{os.getpid()}.")
 
 
 def test_written_files_get_the_usual_mode_not_a_temporary_files_private_one(tmp_path):
@@ -177,6 +221,46 @@ def test_each_st2si_run_saves_its_ilp_beside_its_own_checkpoint(settings, tmp_pa
     assert not list(tmp_path.rglob("ST2SI-tiny-ilp.pth")), "no ILP file shared by every run on a dataset"
 
 
+def sasrec_settings(settings, **overrides):
+    return settings(hidden_size=8, inner_size=16, n_layers=1, n_heads=1, **overrides)
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_files(settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_files, "get_local_time", lambda: "Dec-06-2026_20-33-10")
+    runs = [run_recbole_st2si("ST2SI", "tiny", config_dict=settings(seed=seed))["trainer"] for seed in (7, 8)]
+    files = [RunFiles.of(trainer.saved_model_file) for trainer in runs]
+    assert files[0] != files[1] and {file.checkpoint.parent for file in files} == {tmp_path / "saved"}
+    for trainer, file in zip(runs, files):
+        checkpoint = load_checkpoint(file.checkpoint)
+        assert checkpoint["run_id"] == trainer.run_id and file.ilp.is_file()
+        assert read_serving_file(file, checkpoint)["run_id"] == trainer.run_id
+    assert len(list((tmp_path / "saved").glob("ST2SI-Dec-06-2026_20-33-10-*.serving.pth"))) == 2
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_serving_file(settings, tmp_path, monkeypatch):
+    def train_epoch(self, *args, **kwargs):  # as a full disk, bad data or a kill would stop it
+        raise RuntimeError("no space left while reading a batch")
+
+    monkeypatch.setattr(SafeCheckpointMixin, "_train_epoch", train_epoch)
+    with pytest.raises(RuntimeError, match="no space left"):
+        run_recbole_st2si("SASRec", "tiny", config_dict=sasrec_settings(settings))
+    assert list((tmp_path / "saved").iterdir()) == []
+
+
+def test_a_checkpoint_file_another_run_created_meanwhile_is_refused_in_one_line(settings, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pth"
+
+    def train_epoch(self, *args, **kwargs):
+        checkpoint.write_bytes(b"another run's checkpoint")
+        return 0.5  # the epoch's loss
+
+    monkeypatch.setattr(SafeCheckpointMixin, "_train_epoch", train_epoch)
+    with pytest.raises(UserInputError) as caught:
+        run_recbole_st2si("SASRec", "tiny", config_dict=sasrec_settings(settings), checkpoint_file=checkpoint)
+    assert str(caught.value) == f"{checkpoint} exists: another run wrote it; it is left as it is"
+    assert checkpoint.read_bytes() == b"another run's checkpoint" and not RunFiles.of(checkpoint).serving.exists()
+
+
 # --- feature caches --------------------------------------------------------------------------
 
 
@@ -268,7 +352,7 @@ def test_a_read_only_cache_folder_is_used_when_it_holds_the_cache(cache_run, mon
 
 def test_the_benchmark_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     def full_disk(*args, **kwargs):
-        raise DiskFullError(f"disk full: could not write {tmp_path}/runs/x.json (2.0 KB): No space left on device")
+        raise DiskFullError(f"disk full: could not write {tmp_path}/runs/x.json (2.0 kB): No space left on device")
 
     monkeypatch.setattr(benchmark, "run_all", full_disk)
     status = benchmark.main(["--dataset=tiny", "--models=SASRec", f"--output_dir={tmp_path}"])
