@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from recbole_st2si.model import ST2SI
-from recbole_st2si.model.st2si import QUERY_STATES
+from recbole_st2si.model.st2si import QUERY_ITEMS, QUERY_STATES
 from recbole_st2si.utils import create_dataset
 
 
@@ -50,7 +50,8 @@ def test_cached_feature_loss_is_chunked_and_stays_float32_under_bf16_autocast(ch
     states = torch.randn(20, chunked_model.ilp.in_features)
     targets = torch.randint(1, chunked_model.n_items, (20,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = chunked_model.calculate_loss(Interaction({QUERY_STATES: states, "item_id": targets}))
+        batch = Interaction({QUERY_STATES: states, QUERY_ITEMS: torch.zeros_like(targets), "item_id": targets})
+        loss = chunked_model.calculate_loss(batch)
     reference = F.cross_entropy(reference_logits(states, chunked_model.ilp.weight.detach()), targets)
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, reference, atol=1e-5)

@@ -28,10 +28,11 @@ class LengthBucketedBatches:
 
     Each epoch the samples are shuffled with the loader's generator, cut into chunks of
     ``BUCKET_BATCHES`` batches, sorted by token count within a chunk and split into batches, whose
-    order is shuffled again; a loader that does not shuffle (evaluation) sorts all its samples. A loader sets ``sample_tokens`` before this class's ``__init__`` runs
-    (``None``: plain shuffling, for samples whose length is drawn per epoch). In a distributed run
-    every rank builds the same batches and takes every ``world_size``-th, the list padded with its
-    first batches to a multiple, as ``DistributedSampler`` pads its indices.
+    order is shuffled again; a loader that does not shuffle (evaluation) sorts all its samples. A
+    loader sets ``sample_tokens`` before this class's ``__init__`` runs (``None``: plain shuffling, for
+    samples whose length is drawn per epoch). In a distributed run every rank builds the same batches
+    and takes every ``world_size``-th; the samples of a last, incomplete round are split among the
+    ranks, so that every rank runs as many batches and no sample twice.
     """
 
     BUCKET_BATCHES = 32
@@ -44,9 +45,12 @@ class LengthBucketedBatches:
             batches += chunk[torch.argsort(tokens[chunk], stable=True)].split(self.step)
         if self.shuffle:
             batches = [batches[index] for index in torch.randperm(len(batches), generator=self.generator)]
-        if not self.config["single_spec"]:
+        if not self.config["single_spec"]:  # the last round's samples split among the ranks: disjoint, as many batches
             world, rank = self.config["world_size"], torch.distributed.get_rank()
-            batches = (batches + batches[: -len(batches) % world])[rank::world]
+            whole_rounds = len(batches) - len(batches) % world
+            if whole_rounds < len(batches):
+                batches = batches[:whole_rounds] + list(torch.cat(batches[whole_rounds:]).tensor_split(world))
+            batches = batches[rank::world]
         return batches
 
     def __iter__(self):
