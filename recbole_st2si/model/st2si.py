@@ -306,7 +306,7 @@ class ST2SI(SequentialRecommender):
         the last hidden state at every ``[Q]`` (``[B, L, H]``). ``decoder``: the frozen part to run
         (a copy prepared for a long pass, see :class:`~recbole_st2si.feature_cache.FrozenPass`)."""
         input_ids, attention_mask, position_ids, query_pos, _ = self.assemble_inputs(item_seq, item_seq_len)
-        decoder = decoder or self.lower_decoder
+        decoder = self.lower_decoder if decoder is None else decoder
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return hidden if self.trained_layers else gather_queries(hidden, query_pos)
 
