@@ -56,6 +56,7 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_st2si.data.windows import UserSequences, tile_windows
+from recbole_st2si.compiling import Compiled, compile_wanted
 from recbole_st2si.errors import UserInputError
 from recbole_st2si.precision import has_native_bf16
 from recbole_st2si.run_files import frozen_weights_digest
@@ -200,37 +201,17 @@ def _cache_key(model, sequences: UserSequences, dtype, storage):
 
 class FrozenPass:
     """The frozen part of a model's backbone, prepared for one long pass: its weights converted to the
-    pass's precision once (autocast casts every weight again at every call), and compiled
-    (``torch.compile``, dynamic shapes) where that pays for its compile time. Called like
-    :meth:`~recbole_st2si.model.st2si.ST2SI.frozen_states`."""
+    pass's precision once (autocast casts every weight again at every call), and compiled where that
+    pays (:mod:`recbole_st2si.compiling`). Called like :meth:`~recbole_st2si.model.st2si.ST2SI.frozen_states`."""
 
     def __init__(self, model, dtype, compiled=False):
         decoder = model.lower_decoder
         if dtype != torch.float32:
             decoder = copy.deepcopy(decoder).to(dtype)
-        self.model, self.decoder = model, decoder
-        self.compiled = torch.compile(decoder, dynamic=True) if compiled else None
+        self.model, self.decoder = model, Compiled(decoder) if compiled else decoder
 
     def __call__(self, item_seq, item_seq_len):
-        if self.compiled is not None:
-            try:
-                return self.model.frozen_states(item_seq, item_seq_len, self.compiled)
-            except Exception as error:  # an optimisation only: no compiler, an unsupported operation, ...
-                getLogger().warning(f"feature cache: the compiled pass failed ({type(error).__name__}: "
-                                    f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
-                                    "it runs uncompiled (feature_cache_compile: False skips the attempt)")
-                self.compiled = None
         return self.model.frozen_states(item_seq, item_seq_len, self.decoder)
-
-
-COMPILE_MIN_TOKENS = 400_000  # placeholder until measured
-
-
-def compile_pass(config, pass_tokens):
-    """Whether to compile the frozen pass: ``feature_cache_compile``, where ``auto`` compiles a pass of
-    at least ``COMPILE_MIN_TOKENS`` tokens, below which the compile time costs more than it saves."""
-    setting = config["feature_cache_compile"]
-    return pass_tokens >= COMPILE_MIN_TOKENS if setting == "auto" else bool(setting)
 
 
 def token_budget_batches(tokens, budget):
@@ -332,7 +313,7 @@ def load_or_compute(config, model, sequences: UserSequences) -> CachedStates:
 
     def encode_share(temporary):
         pass_tokens = int(model.segment_len.cpu()[sequences.items].sum())
-        frozen_pass = FrozenPass(model, dtype, compiled=compile_pass(config, pass_tokens))
+        frozen_pass = FrozenPass(model, dtype, compiled=compile_wanted(config["compile"], pass_tokens))
         write_states(model, sequences, layout.map(temporary, writable=True), config["feature_batch_tokens"], frozen_pass,
                      group.rank, group.size)
 

@@ -70,7 +70,7 @@ CHOICES = {
         "mixed_precision": ("bf16", "fp16", "no"),
         "feature_cache_dtype": ("auto", "bf16", "fp32"),
         "feature_cache_storage": ("bf16", "fp32"),
-        "feature_cache_compile": ("auto", True, False),
+        "compile": ("auto", True, False),
     },
 }
 
