@@ -185,11 +185,9 @@ STAGE_VARIANT = re.compile(r"(?P<stage>[a-z]+?)(?P<layers>\d*)(?P<ids>\+id)?")
 def stage_settings(name):
     """The settings of a train-stage row: ``ilp``, ``top2`` (``top_layers: 2``), ``ilp+id`` (``id_embedding``)."""
     parts = STAGE_VARIANT.fullmatch(name).groupdict()
-    settings = {"train_stage": parts["stage"]}
+    settings = {"train_stage": parts["stage"], "id_embedding": bool(parts["ids"])}  # explicit, whatever the default
     if parts["layers"]:
         settings["top_layers"] = int(parts["layers"])
-    if parts["ids"]:
-        settings["id_embedding"] = True
     return settings
 
 

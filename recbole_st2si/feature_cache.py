@@ -70,7 +70,7 @@ from recbole_st2si.safe_io import (
     save_checked,
 )
 
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6  # 6: the pass runs on weights converted once, in batches of a token budget
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

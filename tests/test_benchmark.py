@@ -170,8 +170,8 @@ def test_ablation_and_stages_plan_one_row_per_variant():
     names = [variant.name for variant in variants]
     assert names[:4] == ["ST2SI-ilp", "ST2SI-ilp-wo-multi-query", "ST2SI-ilp-wo-id-alignment", "ST2SI-ilp-wo-both"]
     assert len(names) == 9 and names[-1] == "SASRec"
-    assert variants[3].settings == {"train_stage": "ilp", "multi_query": False, "id_alignment": False}
-    assert variants[4].settings == {"train_stage": "full"}
+    assert variants[3].settings == {"train_stage": "ilp", "id_embedding": False, "multi_query": False, "id_alignment": False}
+    assert variants[4].settings == {"train_stage": "full", "id_embedding": False}
 
 
 def test_a_model_can_run_its_own_seeds(tmp_path):
@@ -370,7 +370,8 @@ def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
 
 
 @pytest.mark.parametrize("text,rows", [
-    ("ilp,top2,top2+id", {"ST2SI-ilp": {"train_stage": "ilp"}, "ST2SI-top2": {"train_stage": "top", "top_layers": 2},
+    ("ilp,top2,top2+id", {"ST2SI-ilp": {"train_stage": "ilp", "id_embedding": False},
+                          "ST2SI-top2": {"train_stage": "top", "top_layers": 2, "id_embedding": False},
                           "ST2SI-top2+id": {"train_stage": "top", "top_layers": 2, "id_embedding": True}}),
     ("ilp+id", {"ST2SI-ilp+id": {"train_stage": "ilp", "id_embedding": True}}),
 ])
