@@ -7,6 +7,7 @@ import torch
 
 from recbole_st2si.data import dataloader
 from recbole_st2si.data.dataloader import LengthBucketedBatches
+from recbole_st2si.feature_cache import token_budget_batches
 
 
 class Samples(LengthBucketedBatches):
@@ -50,3 +51,14 @@ def test_distributed_ranks_get_as_many_batches_and_all_samples(monkeypatch):
         assert len(per_rank[-1]) == len(loader) == 7
     seen = [index for batches in per_rank for batch in batches for index in batch]
     assert sorted(seen) == list(range(100))  # every sample once: disjoint ranks
+
+
+def test_frozen_pass_batches_fill_a_token_budget():
+    lengths = torch.tensor(random.Random(3).choices(range(5, 400), k=300) + [900])  # one longer than the budget
+    batches = token_budget_batches(lengths, budget=800)
+    assert sorted(torch.cat(batches).tolist()) == list(range(301))
+    for batch in batches:
+        padded = len(batch) * int(lengths[batch].max())
+        assert padded <= 800 or len(batch) == 1
+    sizes = [len(batch) for batch in batches]
+    assert sizes[0] > 20 and sizes[-1] == 1  # short histories many at a time, the longest alone
