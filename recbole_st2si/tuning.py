@@ -391,13 +391,19 @@ def write_outputs(rows, output_dir, study):
     return has_best
 
 
+def _as_typed(path):
+    """``path`` as a user would type it here: relative to the working directory when under it."""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else Path(relative).as_posix()
+
+
 def _write_best_yaml(best, num_trials, output_dir, study):
     """The fixed settings and the best trial's parameters, typed as RecBole types them; returns
     the command that reruns the best configuration."""
     settings = {**study.overrides, **{name: best[name] for name in study.param_names}}
     settings = {key: parse_value(value) if isinstance(value, str) else value for key, value in settings.items()}
     path = output_dir / "best.yaml"
-    config_files = ",".join([*study.config_files, str(path)])
+    config_files = ",".join([*study.config_files, _as_typed(path)])
     rerun = f"python run_recbole_st2si.py --model={study.model} --dataset={study.dataset} --config_files={config_files}"
     header = (
         f"# Best of {num_trials} trials tuning {study.model} on {study.dataset}: trial {best['trial']}, "
