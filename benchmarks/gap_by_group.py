@@ -30,6 +30,12 @@ HISTORY_BINS = [0, 2, 4, 7, 12, 20, math.inf]  # (low, high] history lengths
 POPULARITY_BINS = [-1, 0, 5, 20, 50, math.inf]  # (low, high] times the target is a training target
 
 
+def bin_labels(bins):
+    """``(low, high]`` of whole numbers as ``low+1-high``, ``low+1+`` when open, ``high`` when one value."""
+    return [f"{low + 1}+" if high == math.inf else str(high) if high == low + 1 else f"{low + 1}-{high}"
+            for low, high in zip(bins, bins[1:])]
+
+
 def saved_config(files):
     """The run's configuration, from the settings its serving file recorded (those that differ from
     the defaults of its model and dataset; the serving format's other contents are not needed)."""
@@ -80,7 +86,7 @@ def ndcg_at_10(ranks):
 
 
 def by_group(users, column, bins):
-    groups = pd.cut(users[column], bins)
+    groups = pd.cut(users[column], bins, labels=bin_labels(bins))
     return users.groupby(groups, observed=True)["rank"].agg(users="size", ndcg10=ndcg_at_10)
 
 
@@ -108,8 +114,8 @@ def main():
         results.to_csv(output / "results.csv", index=False)
         (output / "README.md").write_text(
             "# Test NDCG@10 by group\n\n`python benchmarks/gap_by_group.py " + " ".join(args.checkpoints)
-            + f" --output={args.output}`\n\nHistory length: items the model sees before the held-out one, "
-            "as (low, high]. Popularity: times the held-out item is a training target, as (low, high].\n\n"
+            + f" --output={args.output}`\n\nHistory length: items the model sees before the held-out one. "
+            "Popularity: times the held-out item is a training target.\n\n"
             + "\n".join(f"- {check}" for check in checks) + "\n\n" + wide.round(4).reset_index().to_markdown(index=False)
             + "\n")
 
