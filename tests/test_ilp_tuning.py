@@ -282,11 +282,14 @@ def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
         load_ilp(reloaded, path)
 
 
-def test_lora_trains_adapters_and_ilp_only(make_config):
+HEAD = {"ilp.weight", "item_embedding.weight"}  # the ILP and, by default (id_embedding), the item embeddings
+
+
+def test_lora_trains_adapters_and_head_only(make_config):
     model, (train_data, _, _) = build(make_config(train_stage="lora", lora_r=2))
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    assert "ilp.weight" in trainable and any("lora_" in name for name in trainable)
-    assert all(name == "ilp.weight" or "lora_" in name for name in trainable)
+    assert HEAD <= set(trainable) and any("lora_" in name for name in trainable)
+    assert all(name in HEAD or "lora_" in name for name in trainable)
     loss = model.calculate_loss(train_data.collate_fn([0, 1, 2]))
     loss.backward()
     assert all(parameter.grad is not None for name, parameter in model.named_parameters() if "lora_B" in name)
@@ -308,13 +311,13 @@ def test_frozen_ilp_rate_comes_from_the_config_and_a_trained_backbone_shares_its
 
 
 def test_lora_checkpoint_reloads_to_the_same_scores(settings, tmp_path):
-    """A LoRA run's checkpoint holds the adapters and the ILP only; loaded into a fresh model (same
+    """A LoRA run's checkpoint holds the adapters and the head (ILP, item embeddings) only; loaded into a fresh model (same
     backbone file) it gives the trained model's scores, which differ from the untrained model's."""
     config_dict = settings(train_stage="lora", lora_r=2, learning_rate=1e-2, warmup_steps=0, gradient_accumulation_steps=1)
     result = run_recbole_st2si("ST2SI", "tiny", config_dict=config_dict, checkpoint_file=tmp_path / "lora.pth")
     trained = result["trainer"]
     saved = torch.load(tmp_path / "lora.pth", weights_only=True)["state_dict"]
-    assert saved and all("lora_" in name or name == "ilp.weight" for name in saved)
+    assert HEAD <= set(saved) and all("lora_" in name or name in HEAD for name in saved)
 
     config = result["config"]
     fresh, (_, _, test_data) = build(config)

@@ -285,10 +285,11 @@ def test_backbone_gradients_stay_finite_where_attention_kernels_give_nan_for_bli
     assert all(gradient is not None and torch.isfinite(gradient).all() for gradient in gradients)
 
 
-def test_ilp_stage_trains_only_the_projection(make_config):
-    model, _, _, _ = build(make_config(train_stage="ilp"))
+@pytest.mark.parametrize("id_embedding,head", [(False, {"ilp.weight"}), (True, {"ilp.weight", "item_embedding.weight"})])
+def test_ilp_stage_trains_only_the_head(make_config, id_embedding, head):
+    model, _, _, _ = build(make_config(train_stage="ilp", id_embedding=id_embedding))
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trainable == {"ilp.weight"}
+    assert trainable == head
     model.train()
     assert not model.backbone.training
 

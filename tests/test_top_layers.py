@@ -83,10 +83,10 @@ def test_evaluation_batches_hold_rows_of_similar_length(make_config, tmp_path):
     assert [count for batch in counts for count in batch] == sorted(count for batch in counts for count in batch)
 
 
-def test_only_the_top_layers_norm_and_ilp_train(make_config, tmp_path):
+def test_only_the_top_layers_norm_and_head_train(make_config, tmp_path):
     model, _ = build(top_config(make_config, tmp_path))
     trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trained == {"ilp.weight", "backbone.norm.weight"} | {
+    assert trained == {"ilp.weight", "item_embedding.weight", "backbone.norm.weight"} | {
         f"backbone.layers.1.{name}" for name, _ in model.backbone.layers[1].named_parameters()}
 
 
