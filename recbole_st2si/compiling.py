@@ -11,8 +11,8 @@ from logging import getLogger
 
 import torch
 
-# Measured on 2 Intel cores (results/frozen-pass): compiling the pass takes ~80 s and makes it 1.16x faster,
-# so it repays its compile time from about two million tokens on.
+# Measured on 2 Intel cores (results/frozen-pass, docs/feature_cache.md): compiling the pass takes 80 to
+# 107 s and makes it 1.15 to 1.16x faster, so it repays its compile time from 2 to 2.6 million tokens on.
 COMPILE_MIN_TOKENS = 2_000_000
 
 
