@@ -95,6 +95,7 @@ class Variant:
     name: str
     model: str
     settings: dict = field(default_factory=dict)
+    starts_from: str = ""  # the variant whose trained head (ILP, item embedding) this one starts from
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -119,7 +120,8 @@ def build_parser():
     )
     parser.add_argument("--rerun", action="store_true", help="run again the runs that finished before")
     parser.add_argument("--st2si_stages", default=None, help="ST2SI train stages, one row each: ilp,top2,full,lora, "
-                        "any with +id (id_embedding), e.g. ilp,top2,top2+id; "
+                        "any with +id (id_embedding), e.g. ilp,top2,top2+id; stage@other starts from the head that "
+                        "the listed stage other trained (same seed), e.g. ilp+id,top2+id@ilp+id "
                         "(default: full on a GPU, ilp on CPU)")
     parser.add_argument("--ablation", action="store_true", help="ST2SI w/o multi-query, w/o ID alignment, w/o both")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
@@ -183,8 +185,9 @@ STAGE_VARIANT = re.compile(r"(?P<stage>[a-z]+?)(?P<layers>\d*)(?P<ids>\+id)?")
 
 
 def stage_settings(name):
-    """The settings of a train-stage row: ``ilp``, ``top2`` (``top_layers: 2``), ``ilp+id`` (``id_embedding``)."""
-    parts = STAGE_VARIANT.fullmatch(name).groupdict()
+    """The settings of a train-stage row: ``ilp``, ``top2`` (``top_layers: 2``), ``ilp+id`` (``id_embedding``);
+    of ``top2+id@ilp+id``, those of ``top2+id``."""
+    parts = STAGE_VARIANT.fullmatch(name.partition("@")[0]).groupdict()
     settings = {"train_stage": parts["stage"], "id_embedding": bool(parts["ids"])}  # explicit, whatever the default
     if parts["layers"]:
         settings["top_layers"] = int(parts["layers"])
@@ -193,7 +196,8 @@ def stage_settings(name):
 
 def parse_stages(text, models):
     """Train-stage rows of the models that have them (ST2SI): a stage, ``top`` with its layer count
-    (``top2``), either with ``+id`` (``id_embedding``); by default the stage ``train_stage: auto``
+    (``top2``), either with ``+id`` (``id_embedding``), optionally ``@`` another listed stage whose
+    trained head it starts from (``top2+id@ilp+id``); by default the stage ``train_stage: auto``
     picks on this machine."""
     from recbole_st2si.model.st2si import auto_train_stage
 
@@ -207,9 +211,14 @@ def parse_stages(text, models):
         match = STAGE_VARIANT.fullmatch(name)
         return match and match["stage"] in allowed and (not match["layers"] or match["stage"] == "top")
 
-    if not stages or not all(known(stage) for stage in stages):
+    def well_formed(name):
+        stage, at, source = name.partition("@")
+        return known(stage) and (not at or (known(source) and source in stages))
+
+    if not stages or not all(well_formed(stage) for stage in stages):
         raise UserInputError(f"--st2si_stages must be comma-separated stages of {allowed} (top with its layers, "
-                             f"e.g. top2; any with +id for id_embedding), got {text!r}")
+                             f"e.g. top2; any with +id for id_embedding; stage@other for a stage that starts "
+                             f"from the head of another listed stage, e.g. ilp+id,top2+id@ilp+id), got {text!r}")
     return list(dict.fromkeys(stages))
 
 
@@ -250,8 +259,10 @@ def plan_variants(models, stages, ablation):
             variants.append(Variant(model, model))
             continue
         for stage in stages:
+            source = stage.partition("@")[2]
             for suffix, settings in ablations.items():
-                variants.append(Variant(f"{model}-{stage}{suffix}", model, {**stage_settings(stage), **settings}))
+                variants.append(Variant(f"{model}-{stage}{suffix}", model, {**stage_settings(stage), **settings},
+                                        starts_from=source and f"{model}-{source}{suffix}"))
     return variants
 
 
@@ -284,6 +295,8 @@ def build_request(variant, seed, args, protocol, overrides, config_files):
     }
     if variant.model == "S3Rec":
         request["s3rec_pretrain_epochs"] = args.s3rec_pretrain_epochs
+    if variant.starts_from:  # the head file and the source run's time are added once it has run
+        request["starts_from"] = f"{variant.starts_from}-seed{seed}"
     return json.loads(json.dumps(request))  # as it reads back from a run file
 
 
@@ -298,20 +311,42 @@ def report_progress(line):
     sys.stdout.flush()
 
 
-def run_or_reuse(request, results_dir, rerun, keep_checkpoints, worker_env=None):
-    """The run's record: read back if it finished before with the same request, else run now."""
+def head_file(results_dir, name):
+    """Where the run ``name`` keeps its trained head (ILP, item embedding) for the runs that start from it."""
+    from recbole_st2si.benchmark_worker import CHECKPOINT_NAME
+    from recbole_st2si.run_files import RunFiles
+
+    return RunFiles.of(results_dir / "saved" / name / CHECKPOINT_NAME).ilp
+
+
+def run_or_reuse(request, results_dir, rerun, keep_checkpoints, worker_env=None, keep_head=False):
+    """The run's record: read back if it finished before with the same request (and, where a later
+    run starts from its head, that head was kept), else run now."""
     result_file = results_dir / "runs" / f"{run_name(request)}.json"
     previous = read_json(result_file)
     if not rerun and previous and previous.get("status") == "ok" and previous.get("request") == request:
-        report_progress(f"{run_name(request)}: finished before, skipped (--rerun runs it again)")
-        return previous
+        if not keep_head or head_file(results_dir, run_name(request)).is_file():
+            report_progress(f"{run_name(request)}: finished before, skipped (--rerun runs it again)")
+            return previous
+        report_progress(f"{run_name(request)}: finished before without keeping its head, which a later run "
+                        "starts from: running it again")
     checkpoint_dir = results_dir / "saved" / run_name(request)
     if rerun:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a rerun starts over, S3Rec pre-training included
-    return launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env)
+    return launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env, keep_head)
 
 
-def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None):
+def remove_checkpoints(checkpoint_dir, keep=None):
+    """Remove a finished run's checkpoints, all but the file ``keep``."""
+    if keep is None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return
+    for path in checkpoint_dir.iterdir():
+        if path != keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None, keep_head=False):
     """Run the worker in a subprocess with a clean command line; a crash becomes a failed record.
 
     The checkpoints of a failed run stay, so that its finished S3Rec pre-training is reused."""
@@ -332,7 +367,7 @@ def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, 
         )
     record = read_json(result_file) if completed.returncode == 0 else None
     if record is not None and not keep_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        remove_checkpoints(checkpoint_dir, keep=head_file(results_dir, name) if keep_head else None)
     if record is None:
         record = failure_record(request, completed.returncode, log_file)
         write_json(record, result_file)
@@ -623,22 +658,54 @@ def make_plan(argv):
         for variant in variants
         for seed in seeds_by_scope.get(variant.name, seeds_by_scope.get(variant.model, seeds))
     ]
+    check_sources(requests)
     return args, protocol, results_dir, requests
 
 
+def check_sources(requests):
+    """Every run that starts from another's head needs that run (the same seed) in this plan."""
+    names = {run_name(request) for request in requests}
+    for request in requests:
+        source = request.get("starts_from")
+        if source is not None and source not in names:
+            raise UserInputError(f"{run_name(request)} starts from {request['starts_from']}, which this plan does "
+                                 f"not run: give both stages the same seeds")
+
+
+def started_from(request, source, results_dir):
+    """``request`` with the head file of its finished source run, and that run's finishing time, so
+    that it runs again whenever its source did."""
+    config_dict = {**request["config_dict"], "ilp_checkpoint": str(head_file(results_dir, run_name(source["request"])))}
+    return {**request, "config_dict": config_dict, "source_finished_at": source["finished_at"]}
+
+
 def run_all(requests, results_dir, args):
-    """Every run's record, in the order of ``requests``; ``args.jobs`` of them at a time."""
+    """Every run's record, in the order of ``requests``; ``args.jobs`` of them at a time, the runs
+    that start from another's head after all the others."""
     worker_env = None
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # else each side-by-side run claims every core
         worker_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // args.jobs))}
+    sources = {request["starts_from"] for request in requests if "starts_from" in request}
 
     def run(request):
-        return run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints, worker_env)
+        source = records.get(request.get("starts_from"))
+        if source is not None and source["status"] != "ok":
+            report_progress(f"{run_name(request)}: not run, its source {run_name(source['request'])} failed")
+            return {**source, "request": request}
+        if source is not None:
+            request = started_from(request, source, results_dir)
+        keep_head = run_name(request) in sources
+        return run_or_reuse(request, results_dir, args.rerun, args.keep_checkpoints, worker_env, keep_head)
 
-    if args.jobs == 1:
-        return [run(request) for request in requests]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return list(pool.map(run, requests))
+    records = {}
+    for wave in ([r for r in requests if "starts_from" not in r], [r for r in requests if "starts_from" in r]):
+        if args.jobs == 1:
+            finished = [run(request) for request in wave]
+        else:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                finished = list(pool.map(run, wave))
+        records.update((run_name(request), record) for request, record in zip(wave, finished))
+    return [records[run_name(request)] for request in requests]
 
 
 def main(argv=None):

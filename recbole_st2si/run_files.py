@@ -3,7 +3,7 @@
 =====================  ======================================================================
 ``<name>.pth``         the best weights so far (weights-only, see :func:`save_checkpoint`)
 ``<name>-resume.pth``  the whole training state at the start of the latest epoch (removed at the end)
-``<name>-ilp.pth``     ST2SI's item projection on its own, with the item ids it scores
+``<name>-ilp.pth``     ST2SI's head on its own: item projection, item ids, item embedding
 ``<name>-backbone/``   ST2SI's backbone after ``train_stage: pretrain``
 ``<name>.serving.pth`` what serving needs besides the weights: settings, items, titles, histories
 =====================  ======================================================================
@@ -138,13 +138,19 @@ def load_weights(model, checkpoint, path):
 
 
 def save_ilp(model, path):
-    """Save ST2SI's item projection with the item ids it scores: one backbone serves many domains by
-    switching this small file."""
-    save_checked({"weight": model.ilp.weight.detach().cpu(), "items": model.item_tokens}, path)
+    """Save ST2SI's head on its own: the item projection with the item ids it scores and, under
+    ``id_embedding``, the item embedding. One backbone serves many domains by switching this small
+    file, and a later stage (``top``) starts from a head that cheap ILP tuning has already trained."""
+    head = {"weight": model.ilp.weight.detach().cpu(), "items": model.item_tokens}
+    if model.item_embedding is not None:
+        head["item_embedding"] = model.item_embedding.weight.detach().cpu()
+    save_checked(head, path)
 
 
 def load_ilp(model, path):
-    """Start from an ILP file of an earlier run on the same items and backbone width."""
+    """Start from the head file of an earlier run on the same items and backbone width. A file
+    without an item embedding leaves this model's as it is (zero, where it starts); a file with one
+    is refused by a model without it rather than half loaded."""
     try:
         saved = load_checked(path)
     except FileNotFoundError:
@@ -155,8 +161,12 @@ def load_ilp(model, path):
         raise UserInputError(
             f"ilp_checkpoint {path} scores other items or another backbone width than this dataset and backbone"
         )
+    if "item_embedding" in saved and model.item_embedding is None:
+        raise UserInputError(f"ilp_checkpoint {path} holds an item embedding: load it with id_embedding: True")
     with torch.no_grad():
         model.ilp.weight.copy_(saved["weight"])
+        if "item_embedding" in saved:
+            model.item_embedding.weight.copy_(saved["item_embedding"])
 
 
 def _plain_settings(config):

@@ -189,7 +189,7 @@ def test_jobs_run_side_by_side_and_keep_the_order(tmp_path, monkeypatch):
     """Each run waits at a barrier for the other: only runs under way at once get past it."""
     barrier, worker_envs = threading.Barrier(2, timeout=30), []
 
-    def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None):
+    def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None, keep_head=False):
         barrier.wait()
         worker_envs.append(worker_env)
         return {"status": "ok", "request": request}
@@ -380,7 +380,48 @@ def test_stage_rows_name_their_settings(text, rows):
     assert {variant.name: variant.settings for variant in variants} == rows
 
 
-@pytest.mark.parametrize("text", ["ilp2", "top+ids", "fast", "", "full,top-2"])
+def test_a_stage_can_start_from_the_head_of_another():
+    stages = benchmark.parse_stages("ilp+id,top2+id@ilp+id", ["ST2SI"])
+    variants = benchmark.plan_variants(["ST2SI"], stages, ablation=True)
+    warm = {variant.name: variant for variant in variants if variant.starts_from}
+    assert warm["ST2SI-top2+id@ilp+id"].settings == {"train_stage": "top", "top_layers": 2, "id_embedding": True}
+    assert warm["ST2SI-top2+id@ilp+id"].starts_from == "ST2SI-ilp+id"
+    assert warm["ST2SI-top2+id@ilp+id-wo-both"].starts_from == "ST2SI-ilp+id-wo-both"  # the same ablation
+
+
+def test_a_warm_start_needs_its_source_with_the_same_seed(tmp_path):
+    argv = ["--models=ST2SI", "--st2si_stages=ilp,top1@ilp", "--ST2SI-top1@ilp.seeds=5", f"--output_dir={tmp_path}"]
+    with pytest.raises(UserInputError, match="ST2SI-top1@ilp-seed5 starts from ST2SI-ilp-seed5, which this plan"):
+        benchmark.make_plan(argv)
+
+
+def test_a_warm_stage_starts_from_its_source_head_and_reruns_with_it(common, tmp_path, capsys):
+    """With nothing learnt (rates 1e-12), the warm run's model is its source's: the same scores."""
+    frozen = [f"--ST2SI-top1+id@ilp+id.{rate}=1e-12" for rate in ("learning_rate", "ilp_learning_rate")]
+    argv = [*common, "--models=ST2SI", "--st2si_stages=ilp+id,top1+id@ilp+id", f"--output_dir={tmp_path}", *frozen]
+    assert benchmark.main(argv) == 0
+    runs = tmp_path / "tiny" / "runs"
+    source = json.loads((runs / "ST2SI-ilp+id-seed2020.json").read_text())
+    warm = json.loads((runs / "ST2SI-top1+id@ilp+id-seed2020.json").read_text())
+    head = tmp_path / "tiny" / "saved" / "ST2SI-ilp+id-seed2020" / "model-ilp.pth"
+    assert sorted(path.name for path in (tmp_path / "tiny" / "saved").rglob("*") if path.is_file()) == [head.name]
+    assert warm["request"]["config_dict"]["ilp_checkpoint"] == str(head)
+    assert warm["request"]["source_finished_at"] == source["finished_at"]
+    assert warm["test_result"]["ndcg@10"] == pytest.approx(source["test_result"]["ndcg@10"], abs=1e-3)
+    assert torch.load(head, weights_only=True)["item_embedding"].abs().sum() > 0  # trained, not the zero start
+
+    capsys.readouterr()
+    assert benchmark.main(argv) == 0
+    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    head.unlink()  # a source without its head runs again, and so does the run that starts from it
+    assert benchmark.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "without keeping its head" in output and "skipped" not in output
+    rerun = json.loads((runs / "ST2SI-top1+id@ilp+id-seed2020.json").read_text())
+    assert rerun["finished_at"] != warm["finished_at"] and head.is_file()
+
+
+@pytest.mark.parametrize("text", ["ilp2", "top+ids", "fast", "", "full,top-2", "top2@ilp", "ilp,top2@ilp@ilp"])
 def test_unknown_stage_rows_are_refused(text):
     with pytest.raises(UserInputError, match="--st2si_stages must be comma-separated stages"):
         benchmark.parse_stages(text, ["ST2SI"])

@@ -270,12 +270,23 @@ def test_pretrained_backbone_of_another_architecture_is_refused(make_config, tmp
 
 def test_ilp_file_round_trip_and_refusal_for_other_items(make_config, tmp_path):
     model, _ = build(make_config())
+    with torch.no_grad():
+        model.item_embedding.weight.normal_()  # as trained: it starts at zero
     path = tmp_path / "ilp.pth"
     save_ilp(model, path)
     reloaded, _ = build(make_config(seed=8))
     assert not torch.equal(reloaded.ilp.weight, model.ilp.weight)
     ST2SITrainer(make_config(ilp_checkpoint=str(path), seed=8), reloaded)  # a run starts from the file
     assert torch.equal(reloaded.ilp.weight, model.ilp.weight)
+    assert torch.equal(reloaded.item_embedding.weight, model.item_embedding.weight)
+
+    with pytest.raises(UserInputError, match="holds an item embedding: load it with id_embedding: True"):
+        load_ilp(build(make_config(id_embedding=False))[0], path)
+    text_only, _ = build(make_config(id_embedding=False))
+    save_ilp(text_only, path)
+    load_ilp(reloaded, path)  # the paper's head: the item embedding stays as it was
+    assert torch.equal(reloaded.ilp.weight, text_only.ilp.weight)
+    assert torch.equal(reloaded.item_embedding.weight, model.item_embedding.weight)
 
     save_checked({"weight": model.ilp.weight[:-1], "items": model.item_tokens[:-1]}, path)
     with pytest.raises(UserInputError, match="scores other items"):
