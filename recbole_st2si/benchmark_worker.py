@@ -115,6 +115,9 @@ class ResumableTraining:
                 self.elapsed_by_epoch = previous["elapsed_s_by_epoch"]
                 self.hardware_by_attempt = previous.get("hardware_by_attempt", []) + self.hardware_by_attempt
                 print(f"resuming from the checkpoint of epoch {epoch}: {self.checkpoint}", flush=True)
+        if self.resumed_from_epoch is None and has_checkpoint:  # another request's, or nothing to resume
+            print(f"starting over: the checkpoint in {self.checkpoint.parent} is not this run's to continue", flush=True)
+            RunFiles.of(self.checkpoint).discard_training()
         self.start = time.perf_counter()
 
     def seconds_per_epoch(self):

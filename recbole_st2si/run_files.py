@@ -71,6 +71,11 @@ class RunFiles:
         """Whether a run of this checkpoint saved anything to continue from."""
         return self.checkpoint.is_file() or self.resume.is_file()
 
+    def discard_training(self):
+        """Remove what an earlier attempt left to continue from, for a run that starts over."""
+        for path in (self.checkpoint, self.resume, self.serving):
+            path.unlink(missing_ok=True)
+
     def last_finished_epoch(self):
         """The epoch after which a resumed run continues."""
         source = self.resume if self.resume.is_file() else self.checkpoint

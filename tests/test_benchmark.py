@@ -369,6 +369,18 @@ def test_an_interrupted_run_resumes_from_its_best_checkpoint(common, tmp_path):
     assert "GRU4Rec-seed2020 from its epoch-0 checkpoint" in (tmp_path / "tiny" / "README.md").read_text()
 
 
+def test_a_changed_request_starts_over_where_an_interrupted_run_left_its_checkpoint(common, tmp_path):
+    argv = [*common, "--models=GRU4Rec", f"--output_dir={tmp_path}", "--keep_checkpoints"]
+    runs = tmp_path / "tiny" / "runs"
+    assert benchmark.main(argv) == 0
+    (runs / "GRU4Rec-seed2020.json").unlink()  # interrupted, then asked for with another setting
+    assert benchmark.main([*argv, "--GRU4Rec.embedding_size=8"]) == 0
+    record = json.loads((runs / "GRU4Rec-seed2020.json").read_text())
+    assert record["status"] == "ok" and record["resumed_from_epoch"] is None
+    assert record["config"]["embedding_size"] == 8
+    assert "starting over: the checkpoint in" in (runs / "GRU4Rec-seed2020.log").read_text()
+
+
 @pytest.mark.parametrize("text,rows", [
     ("ilp,top2,top2+id", {"ST2SI-ilp": {"train_stage": "ilp", "id_embedding": False},
                           "ST2SI-top2": {"train_stage": "top", "top_layers": 2, "id_embedding": False},
