@@ -342,8 +342,12 @@ def remove_checkpoints(checkpoint_dir, keep=None):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return
     for path in checkpoint_dir.iterdir():
-        if path != keep:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path == keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def launch(request, results_dir, result_file, checkpoint_dir, keep_checkpoints, worker_env=None, keep_head=False):
